@@ -1,0 +1,94 @@
+"""Model cards and Hub upload for MmAP adapters saved in PEFT's layout."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from peft import PeftModel
+
+from .files import atomic_write_text
+from .model import MmAPModel
+
+
+def adapter_parameter_counts(peft_model: PeftModel) -> dict[str, int]:
+    """Number of parameters of each MmAP adapter (source prompts plus scaling matrices of both towers)."""
+    tuner: MmAPModel = peft_model.base_model
+    counts = {name: 0 for name in tuner.peft_config}
+    for key, param in tuner.named_parameters():
+        parts = key.split(".")
+        if "mmap_source" in parts or "mmap_scale" in parts:
+            counts[parts[-1]] += param.numel()
+    return counts
+
+
+def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", extra: str = "") -> str:
+    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes."""
+    base_name = getattr(peft_model.get_base_model().config, "_name_or_path", "") or "unknown"
+    counts = adapter_parameter_counts(peft_model)
+    rows = []
+    for name, config in peft_model.peft_config.items():
+        folder = "." if name == "default" else f"{name}/"
+        m, n = config.source_shape
+        rows.append(
+            f"| `{name}` | `{folder}` | {config.prompt_length} | {m}×{n} | "
+            f"{config.depth or 'all'} | {counts[name]:,} |"
+        )
+    front = ["---", "library_name: peft", "tags:", "- peft", "- mmap", "- clip", "- prompt-tuning"]
+    if base_name != "unknown":
+        front.append(f"base_model: {base_name}")
+    front.append("---")
+    body = [
+        f"# {title}",
+        "",
+        f"Multi-modal Alignment Prompts (MmAP, Xin et al., AAAI 2024) for `{base_name}`, trained with "
+        "[peft_mmap](https://pypi.org/project/peft-mmap/).",
+        "",
+        "| adapter | folder | prompt length b | source m×n | depth | parameters |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Total trainable parameters: {sum(counts.values()):,}.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import peft_mmap  # registers the MMAP method with peft",
+        "from peft import PeftModel",
+        "from transformers import CLIPModel",
+        "",
+        f'clip = CLIPModel.from_pretrained("{base_name}")',
+        'model = PeftModel.from_pretrained(clip, "<repo>", subfolder="<adapter>", adapter_name="<adapter>")',
+        "```",
+    ]
+    if extra:
+        body += ["", extra]
+    return "\n".join([*front, "", *body]) + "\n"
+
+
+def save_model_card(peft_model: PeftModel, directory: str | Path, **card_kwargs) -> Path:
+    """Write ``README.md`` (see `model_card`) into ``directory`` atomically."""
+    return atomic_write_text(Path(directory) / "README.md", model_card(peft_model, **card_kwargs))
+
+
+def push_to_hub(
+    peft_model: PeftModel,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload MmAP adapters",
+    api: HfApi | None = None,
+) -> str:
+    """Save every adapter in PEFT's layout plus an MmAP model card and upload them as one commit.
+
+    Returns the URL of the commit. ``api`` defaults to ``HfApi(token=token)``.
+    """
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        save_model_card(peft_model, tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

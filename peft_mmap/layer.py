@@ -1,0 +1,208 @@
+"""`MmAPLayer`: a CLIP encoder layer wrapped with deep Kronecker prompts.
+
+Sequence layout inside a prompted tower (``T`` = total prompt tokens of the active adapters)::
+
+    vision: [CLS, prompts(adapter_1), ..., prompts(adapter_A), patch_1, ..., patch_M]
+    text:   [SOS, prompts(adapter_1), ..., prompts(adapter_A), tok_1, ..., EOS, pad...]
+
+The first encoder layer inserts the prompt tokens after position 0, every prompted layer ``k < depth``
+replaces the adapter's slot with its own new prompts (deep prompts), layers past an adapter's depth let its
+slot flow through, and the last encoder layer removes all prompt tokens again, so ``last_hidden_state``,
+pooling (CLS for vision, EOS for text) and every shape outside the encoder are CLIP's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import MmAPConfig
+
+Tower = Literal["text", "vision"]
+
+
+@dataclass
+class MmAPSharedState:
+    """State shared by an `MmAPModel` and all of its layers (not an ``nn.Module``: it is never saved).
+
+    Attributes:
+        source: the tuner's ``ParameterDict`` of source prompts, one ``(depth, m, n)`` tensor per adapter.
+        prompt_lengths: ``b`` per adapter.
+        depths: number of prompted layers per adapter.
+        routes: when set, per-sample adapter lists (one list per batch row, all of the same slot layout)
+            that replace the active adapters for the vision tower (mixed-task batches).
+    """
+
+    source: nn.ParameterDict
+    prompt_lengths: dict[str, int] = field(default_factory=dict)
+    depths: dict[str, int] = field(default_factory=dict)
+    routes: list[list[str]] | None = None
+
+
+def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``kron(scale, source)``: ``(b/m, d/n) x (m, n) -> (b, d)`` (paper Eq. 6-7)."""
+    return torch.kron(scale, source)
+
+
+def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.Tensor | None:
+    """Insert ``num_prompts`` tokens after position 0 of a (causal) text attention mask.
+
+    The prompt tokens behave like tokens sitting between SOS and the first word: they attend to SOS and to
+    earlier prompts; every later token attends to them; they are never padding. Works for ``None``, 2-D
+    ``(B, L)`` padding masks and 4-D ``(B, 1, Lq, L)`` boolean or additive float masks (values for "allowed" and
+    "blocked" are read from the mask itself, so dtype and convention are kept).
+
+    Returns ``None`` or a mask of the same kind over ``L + num_prompts`` positions.
+    """
+    if mask is None or num_prompts == 0:
+        return mask
+    if mask.dim() == 2:  # (B, L) padding mask: prompts are real tokens.
+        ones = mask[:, :1].expand(-1, num_prompts)
+        return torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+    if mask.dim() != 4:
+        raise ValueError(f"Unsupported attention mask of shape {tuple(mask.shape)}: expected 2-D or 4-D.")
+    # Columns: prompts are keys that every row after SOS may see, like token 1 in a causal mask.
+    prompt_cols = mask[..., 1:2].expand(*mask.shape[:-1], num_prompts)
+    mask = torch.cat([mask[..., :1], prompt_cols, mask[..., 1:]], dim=-1)
+    if mask.shape[-2] == 1:  # (B, 1, 1, L) key-only mask: no rows to add.
+        return mask
+    # Rows: a prompt query sees SOS and the prompts up to itself, nothing after.
+    sos_row = mask[..., :1, :]  # (B, 1, 1, L + T)
+    allowed, blocked = sos_row[..., :1], sos_row[..., -1:]
+    causal = torch.ones(num_prompts, num_prompts, dtype=torch.bool, device=mask.device).tril()
+    prompt_block = torch.where(causal, allowed, blocked)  # (B, 1, T, T)
+    prompt_rows = torch.cat(
+        [
+            sos_row[..., :1].expand(*sos_row.shape[:-2], num_prompts, 1),
+            prompt_block,
+            sos_row[..., 1 + num_prompts :].expand(*sos_row.shape[:-2], num_prompts, -1),
+        ],
+        dim=-1,
+    )
+    return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
+
+
+class MmAPLayer(nn.Module, BaseTunerLayer):
+    """Wraps one ``CLIPEncoderLayer`` of one tower and adds MmAP prompts around it.
+
+    Holds, per adapter prompted at this layer, the tower's scaling matrix ``mmap_scale[adapter]`` of shape
+    ``(b/m, d/n)``. The source prompt ``P_s^k`` is shared with the other tower and lives on the tuner
+    (`MmAPSharedState.source`).
+
+    Args:
+        base_layer: the wrapped ``CLIPEncoderLayer``.
+        tower: ``"text"`` or ``"vision"``.
+        layer_index: ``k``, the index of the layer in its encoder (0-based).
+        num_layers: number of layers of that encoder.
+        hidden_size: ``d_l`` or ``d_v``.
+        shared: the tuner's shared state.
+    """
+
+    adapter_layer_names = ("mmap_scale",)
+    other_param_names = ()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        tower: Tower,
+        layer_index: int,
+        num_layers: int,
+        hidden_size: int,
+        shared: MmAPSharedState,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.mmap_scale = nn.ParameterDict()
+        self.tower = tower
+        self.layer_index = layer_index
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        # A plain reference: registering it as a submodule would save the source prompts once per layer.
+        object.__setattr__(self, "_shared", shared)
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config: MmAPConfig, depth: int) -> None:
+        """Create the scaling matrix of ``adapter_name`` if this layer is prompted (``layer_index < depth``)."""
+        if self.layer_index >= depth:
+            return
+        m, n = config.source_shape
+        scale = torch.empty(config.prompt_length // m, self.hidden_size // n)
+        if config.scale_init == "ones":
+            nn.init.ones_(scale)
+        else:
+            nn.init.normal_(scale)
+        weight = next(self.base_layer.parameters())
+        self.mmap_scale[adapter_name] = nn.Parameter(scale.to(device=weight.device))
+        self.set_adapter(self.active_adapters)
+
+    def layer_prompt(self, adapter_name: str) -> torch.Tensor:
+        """This layer's prompt for one adapter: ``kron(M^k, P_s^k)`` of shape ``(b, d)``."""
+        source = self._shared.source[adapter_name][self.layer_index]
+        return kron_prompt(self.mmap_scale[adapter_name], source)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "MmAP prompts are extra tokens, not weight deltas: they cannot be merged into CLIP's weights. "
+            "Use `unload()` to get the base model back, or keep the PeftModel for inference."
+        )
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged."""
+
+    def _slots(self, batch_size: int) -> list[tuple[list[str], int]]:
+        """The prompt slots of this forward: ``(adapter per batch row or one shared name, length)`` in order."""
+        routes = self._shared.routes if self.tower == "vision" else None
+        if routes is None:
+            return [([name], self._shared.prompt_lengths[name]) for name in self.active_adapters]
+        if len(routes) != batch_size:
+            raise ValueError(f"Adapter routes name {len(routes)} samples but the batch has {batch_size}.")
+        return [
+            ([route[slot] for route in routes], self._shared.prompt_lengths[routes[0][slot]])
+            for slot in range(len(routes[0]))
+        ]
+
+    def _slot_prompts(self, names: list[str], like: torch.Tensor) -> torch.Tensor | None:
+        """New prompts for one slot: ``(1, b, d)`` (one adapter) or ``(B, b, d)`` (routed), or ``None``."""
+        unique = list(dict.fromkeys(names))
+        if unique[0] not in self.mmap_scale:
+            return None  # past this adapter's depth: its slot flows through
+        prompts = torch.stack([self.layer_prompt(name) for name in unique]).to(like.dtype)  # (U, b, d)
+        if len(unique) == 1:
+            return prompts[:1]
+        index = torch.tensor([unique.index(name) for name in names], device=prompts.device)
+        return prompts[index]
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout."""
+        if self.disable_adapters or (not self.active_adapters and self._shared.routes is None):
+            return self.base_layer(hidden_states, attention_mask, **kwargs)
+        batch = hidden_states.shape[0]
+        slots = self._slots(batch)
+        num_prompts = sum(length for _, length in slots)
+        pieces = [hidden_states[:, :1]]
+        offset = 1
+        for names, length in slots:
+            prompts = self._slot_prompts(names, hidden_states)
+            if prompts is None:
+                if self.layer_index == 0:
+                    raise RuntimeError(f"Adapter {names[0]!r} has no prompts at the first layer.")
+                prompts = hidden_states[:, offset : offset + length]
+            pieces.append(prompts.expand(batch, -1, -1))
+            offset += length
+        rest = hidden_states[:, 1:] if self.layer_index == 0 else hidden_states[:, 1 + num_prompts :]
+        hidden_states = torch.cat([*pieces, rest], dim=1)
+        attention_mask = expand_attention_mask(attention_mask, num_prompts)
+        out = self.base_layer(hidden_states, attention_mask, **kwargs)
+        if self.layer_index == self.num_layers - 1:
+            out = torch.cat([out[:, :1], out[:, 1 + num_prompts :]], dim=1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"mmap.{super().__repr__()}"

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny CLIP models built from config (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+TEXT_HIDDEN, VISION_HIDDEN, LAYERS = 32, 48, 3
+
+
+def tiny_clip_config(attn_implementation: str = "sdpa", **overrides) -> CLIPConfig:
+    """A 3-layer CLIP with d_l=32, d_v=48 (n=8 divides both); EOS id 2 is the legacy argmax pooling."""
+    text = dict(
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        vocab_size=99,
+        max_position_embeddings=20,
+        eos_token_id=98,
+        bos_token_id=97,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    text.update(overrides.pop("text", {}))
+    vision.update(overrides.pop("vision", {}))
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def make_clip(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> CLIPModel:
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(attn_implementation, **overrides)).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+@pytest.fixture
+def clip() -> CLIPModel:
+    return make_clip()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    """Two captions (one padded) and two images."""
+    torch.manual_seed(1)
+    return {
+        "input_ids": torch.tensor([[97, 5, 6, 7, 98], [97, 8, 98, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "pixel_values": torch.randn(2, 3, 16, 16),
+    }
