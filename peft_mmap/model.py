@@ -114,6 +114,7 @@ class MmAPModel(BaseTuner):
         except Exception:
             self._forget_adapter(adapter_name)
             raise
+        self._mmap_layers = []
         self._sync_source_requires_grad(inference_mode=config.inference_mode)
 
     def _forget_adapter(self, adapter_name: str) -> None:
@@ -163,17 +164,35 @@ class MmAPModel(BaseTuner):
     def _adapters_disabled(self) -> bool:
         return any(layer.disable_adapters for layer in self._layers())
 
-    def _layers(self) -> Iterator[MmAPLayer]:
-        return (module for module in self.model.modules() if isinstance(module, MmAPLayer))
+    def _layers(self) -> list[MmAPLayer]:
+        if not getattr(self, "_mmap_layers", None):
+            self._mmap_layers = [module for module in self.model.modules() if isinstance(module, MmAPLayer)]
+        return self._mmap_layers
 
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activate one adapter or several (their prompts are concatenated in the given order)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def _check_known(self, names: Sequence[str]) -> list[str]:
+        names = list(names)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; available: {sorted(self.peft_config)}.")
         if len(set(names)) != len(names):
             raise ValueError(f"Adapter names must not repeat, got {names}.")
+        return names
+
+    def activate(self, adapter_names: Sequence[str]) -> None:
+        """Choose the adapters of the next forward passes, leaving trainability as it is.
+
+        `set_adapter` also makes the chosen adapters (and only them) trainable, as in every PEFT method. A
+        multi-task training step that visits several tasks needs all of them to stay trainable while the
+        active set changes from task to task; this is what `activate` does.
+        """
+        names = self._check_known(adapter_names)
+        for layer in self._layers():
+            layer._active_adapter = names
+        self.active_adapter = names
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (their prompts are concatenated in the given order)."""
+        self._check_known([adapter_name] if isinstance(adapter_name, str) else adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._sync_source_requires_grad(inference_mode=inference_mode)
 
@@ -241,6 +260,7 @@ class MmAPModel(BaseTuner):
                 setattr(parent, child_name, module.base_layer)
         for adapter_name in list(self.mmap_source):
             self._forget_adapter(adapter_name)
+        self._mmap_layers = []
         return self.model
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:

@@ -63,3 +63,25 @@ def batch() -> dict[str, torch.Tensor]:
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
         "pixel_values": torch.randn(2, 3, 16, 16),
     }
+
+
+def write_char_tokenizer(folder) -> None:
+    """A real CLIP BPE tokenizer over single characters (no merges), ids matching `tiny_clip_config`."""
+    import json
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+    tokens = [c for c in chars] + [c + "</w>" for c in chars]
+    tokens += [f"<unused{i}>" for i in range(97 - len(tokens))] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_char_tokenizer(folder)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=20)
+    assert tok.bos_token_id == 97 and tok.eos_token_id == 98
+    return tok

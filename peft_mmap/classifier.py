@@ -1,0 +1,215 @@
+"""`CLIPTaskClassifier`: CLIP as an image classifier over several named tasks.
+
+Every method of the library (MmAP, zero-shot and the baselines) is a subclass: it classifies an image of
+task ``t`` by the cosine similarity of its image feature with the text features of ``t``'s class prompts
+(paper Eq. 5). Subclasses change how the two towers encode (prompts, adapters, fine-tuned weights); the
+trainer, evaluation and benchmark code only use the interface defined here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+from .files import check_safe_name
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class TaskSpec:
+    """One image-recognition task: its name, class names and the text template of its class prompts."""
+
+    name: str
+    classnames: list[str]
+    template: str = DEFAULT_TEMPLATE
+    prompts: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_safe_name(self.name, "task name")
+        if isinstance(self.classnames, str) or not isinstance(self.classnames, Sequence):
+            raise TypeError(f"Task {self.name!r}: classnames must be a list of str, got {self.classnames!r}.")
+        self.classnames = list(self.classnames)
+        if not self.classnames:
+            raise ValueError(f"Task {self.name!r} has no classes: expected at least one class name.")
+        bad = [c for c in self.classnames if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise ValueError(f"Task {self.name!r}: class names must be non-empty strings, got {bad!r}.")
+        if len(set(self.classnames)) != len(self.classnames):
+            dupes = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
+            raise ValueError(f"Task {self.name!r}: duplicate class names {dupes}.")
+        if not isinstance(self.template, str) or len(re.findall(r"\{\}", self.template)) != 1:
+            raise ValueError(
+                f"Task {self.name!r}: template {self.template!r} must contain exactly one '{{}}' for the class name."
+            )
+        self.prompts = [self.template.format(c) for c in self.classnames]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "classnames": list(self.classnames), "template": self.template}
+
+
+def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[str, TaskSpec]:
+    """Normalise ``[TaskSpec, ...]`` or ``{name: classnames}`` to ``{name: TaskSpec}`` (names unique)."""
+    if isinstance(tasks, dict):
+        specs = [c if isinstance(c, TaskSpec) else TaskSpec(n, list(c)) for n, c in tasks.items()]
+    else:
+        specs = list(tasks)
+    if not specs:
+        raise ValueError("At least one task is needed.")
+    by_name: dict[str, TaskSpec] = {}
+    for spec in specs:
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"Expected TaskSpec, got {type(spec).__name__}.")
+        if spec.name in by_name:
+            raise ValueError(f"Duplicate task name {spec.name!r}.")
+        by_name[spec.name] = spec
+    return by_name
+
+
+class CLIPTaskClassifier(nn.Module):
+    """CLIP classifying images of named tasks against their class prompts.
+
+    ``forward(pixel_values, task)`` returns logits ``(B, C_task)`` for one task name, or ``(B, C_max)`` for a
+    list of one task per sample (columns past a sample's own class count are ``-inf``). Class text features
+    are computed once per task and cached while the model is in eval mode; the cache is keyed on the
+    in-place version counters of all parameters, so an optimizer step or a ``load_state_dict`` invalidates
+    it, and it is bypassed entirely in training mode.
+
+    Args:
+        clip: a transformers ``CLIPModel`` (possibly inside a PEFT model; see `clip_model`).
+        tokenizer: the checkpoint's CLIP tokenizer.
+        tasks: the tasks this classifier serves.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks: Sequence[TaskSpec] | dict[str, Sequence[str]],
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.tasks = as_task_specs(tasks)
+        self._tokens: dict[str, dict[str, torch.Tensor]] = {}
+        self._text_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    # ---- hooks for subclasses -------------------------------------------------------------------
+    @property
+    def clip_model(self) -> CLIPModel:
+        """The underlying ``CLIPModel`` (whose towers may be wrapped by adapters)."""
+        return self.clip
+
+    def activate(self, task: str) -> None:
+        """Prepare the model for ``task`` (e.g. select its adapters). Default: nothing to do."""
+
+    def encode_text(self, task: str) -> torch.Tensor:
+        """Unnormalised class text features of ``task``: ``(C, D)``. ``activate(task)`` was called."""
+        return self.clip_model.get_text_features(**self.task_tokens(task)).pooler_output
+
+    def encode_images(self, pixel_values: torch.Tensor, task: str) -> torch.Tensor:
+        """Unnormalised image features ``(B, D)`` for images ``(B, 3, H, W)`` of ``task``."""
+        return self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def encode_images_mixed(self, pixel_values: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """Image features ``(B, D)`` when row ``i`` belongs to ``tasks[i]``. Default: one pass per task."""
+        features: torch.Tensor | None = None
+        for task in dict.fromkeys(tasks):
+            rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=pixel_values.device)
+            self.activate(task)
+            part = self.encode_images(pixel_values[rows], task)
+            if features is None:
+                features = part.new_empty(len(tasks), part.shape[-1])
+            features = features.index_copy(0, rows, part)
+        return features
+
+    # ---- shared machinery ----------------------------------------------------------------------------
+    def check_task(self, task: str) -> TaskSpec:
+        """The spec of ``task``; ``KeyError`` listing the known tasks if it is unknown."""
+        try:
+            return self.tasks[task]
+        except (KeyError, TypeError):
+            raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.tasks)}.") from None
+
+    def task_tokens(self, task: str) -> dict[str, torch.Tensor]:
+        """Tokenized class prompts of ``task``, padded to the longest prompt (not 77): ``(C, L)`` each."""
+        if task not in self._tokens:
+            encoded = self.tokenizer(self.check_task(task).prompts, padding="longest", return_tensors="pt")
+            self._tokens[task] = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+        device = self.logit_scale.device
+        tokens = self._tokens[task]
+        if tokens["input_ids"].device != device:
+            tokens = self._tokens[task] = {k: v.to(device) for k, v in tokens.items()}
+        return tokens
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip_model.logit_scale
+
+    def _cache_key(self, task: str) -> tuple:
+        params = list(self.parameters())
+        return (task, len(params), sum(p._version for p in params), self._activation_key(task))
+
+    def _activation_key(self, task: str) -> object:
+        """Anything besides parameter values that changes ``task``'s text features. Default: nothing."""
+        return None
+
+    def text_features(self, task: str) -> torch.Tensor:
+        """L2-normalised class text features of ``task``: ``(C, D)``; cached in eval mode."""
+        use_cache = not (self.training and torch.is_grad_enabled())
+        if use_cache:
+            key = self._cache_key(task)
+            cached = self._text_cache.get(task)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        self.activate(task)
+        features = F.normalize(self.encode_text(task), dim=-1)
+        if use_cache:
+            self._text_cache[task] = (key, features.detach())
+            return self._text_cache[task][1]
+        return features
+
+    def clear_cache(self) -> None:
+        """Drop cached text features (they are also invalidated automatically)."""
+        self._text_cache.clear()
+
+    def forward(self, pixel_values: torch.Tensor, task: str | Sequence[str]) -> torch.Tensor:
+        """Logits ``(B, C_task)`` for one task, or ``(B, C_max)`` (``-inf`` padded) for one task per row."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
+        scale = self.logit_scale.exp()
+        if isinstance(task, str):
+            spec = self.check_task(task)
+            if pixel_values.shape[0] == 0:
+                return pixel_values.new_zeros(0, len(spec.classnames))
+            text = self.text_features(task)
+            self.activate(task)
+            images = F.normalize(self.encode_images(pixel_values, task), dim=-1)
+            return scale * images @ text.t()
+        tasks = list(task)
+        if len(tasks) != pixel_values.shape[0]:
+            raise ValueError(f"Got {len(tasks)} task names for a batch of {pixel_values.shape[0]} images.")
+        specs = [self.check_task(t) for t in tasks]
+        width = max((len(s.classnames) for s in specs), default=0)
+        if not tasks:
+            return pixel_values.new_zeros(0, width)
+        texts = {t: self.text_features(t) for t in dict.fromkeys(tasks)}
+        images = F.normalize(self.encode_images_mixed(pixel_values, tasks), dim=-1)
+        logits = images.new_full((len(tasks), width), float("-inf"))
+        for t, text in texts.items():
+            rows = torch.tensor([i for i, name in enumerate(tasks) if name == t], device=images.device)
+            logits = logits.index_put(
+                (rows[:, None], torch.arange(text.shape[0], device=images.device)),
+                scale * images[rows] @ text.t(),
+            )
+        return logits
+
+    def trainable_parameter_count(self) -> int:
+        """Parameters that training updates."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

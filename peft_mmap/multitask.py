@@ -1,0 +1,346 @@
+"""`MultiTaskMmAP`: group-shared plus task-specific MmAP adapters on one CLIP (paper Fig. 3b, Eq. 9-12)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
+
+from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
+from .config import MmAPConfig
+from .files import atomic_write_json, check_safe_name, read_json
+from .hub import save_model_card
+
+MANIFEST_NAME = "mmap_manifest.json"
+MANIFEST_FORMAT = "peft_mmap.multitask"
+MANIFEST_VERSION = 1
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def group_adapter_name(index: int) -> str:
+    """Adapter name of the ``index``-th group: ``group0``, ``group1``, ..."""
+    return f"group{index}"
+
+
+def check_groups(groups: Sequence[Sequence[str]] | None, task_names: Sequence[str]) -> list[list[str]]:
+    """Validate that ``groups`` is a partition of ``task_names`` (each task in exactly one group)."""
+    if groups is None:
+        return []
+    groups = [list(g) for g in groups]
+    flat = [t for g in groups for t in g]
+    unknown = sorted(set(flat) - set(task_names))
+    if unknown:
+        raise ValueError(f"Groups name unknown tasks {unknown}; tasks are {list(task_names)}.")
+    if any(not g for g in groups):
+        raise ValueError(f"Groups must not be empty, got {groups}.")
+    if len(flat) != len(set(flat)) or set(flat) != set(task_names):
+        raise ValueError(f"Groups {groups} must contain every task of {list(task_names)} exactly once.")
+    return groups
+
+
+class MultiTaskMmAP(CLIPTaskClassifier):
+    """CLIP with one MmAP adapter per task group and one per task; both are active when a task runs.
+
+    Adapter names: ``group0``, ``group1``, ... for the groups and the task names for the tasks. For task
+    ``t`` in group ``g`` the prompt slots are ``[prompts(group g), prompts(t)]`` (2b tokens per layer).
+    Training sums the task losses (the trainer does): a group adapter then receives the summed gradient of
+    its tasks (Eq. 11) and a task adapter only its own (Eq. 12).
+
+    Args:
+        clip: a transformers ``CLIPModel`` (it is wrapped with PEFT in place).
+        tokenizer: its tokenizer.
+        tasks: task specs (or ``{name: classnames}``).
+        groups: a partition of the task names; ``None`` = no group adapters (task adapters only).
+        config: MmAP config used for every adapter.
+        task_adapters: give each task its own adapter (``False``: group adapters only).
+        base_model_id: hub id or path of ``clip``, written to the manifest.
+    """
+
+    def __init__(
+        self,
+        clip: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks: Sequence[TaskSpec] | dict[str, Sequence[str]],
+        groups: Sequence[Sequence[str]] | None,
+        config: MmAPConfig | None = None,
+        task_adapters: bool = True,
+        base_model_id: str | None = None,
+    ) -> None:
+        specs = as_task_specs(tasks)
+        self.groups = check_groups(groups, list(specs))
+        if not self.groups and not task_adapters:
+            raise ValueError("MultiTaskMmAP needs group adapters, task adapters or both.")
+        self.config = config or MmAPConfig()
+        self.task_adapters = task_adapters
+        self.base_model_id = base_model_id or getattr(clip.config, "_name_or_path", "") or None
+        names = [group_adapter_name(i) for i in range(len(self.groups))]
+        if task_adapters:
+            clash = sorted(set(names) & set(specs))
+            if clash:
+                raise ValueError(f"Task names {clash} clash with group adapter names; rename those tasks.")
+            names += list(specs)
+        peft_model = get_peft_model(clip, dataclasses.replace(self.config), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, dataclasses.replace(self.config))
+        super().__init__(peft_model, tokenizer, specs)
+        self.adapter_names = names
+        self.peft_model.base_model.set_adapter(names)  # all adapters trainable; activate() picks per task
+        self._adapters_of = {task: self._adapters_for(task) for task in specs}
+
+    @property
+    def peft_model(self) -> PeftModel:
+        return self.clip
+
+    @property
+    def clip_model(self) -> CLIPModel:
+        return self.clip.get_base_model()
+
+    def group_of(self, task: str) -> int | None:
+        """Index of the group holding ``task`` (``None`` without groups)."""
+        self.check_task(task)
+        return next((i for i, g in enumerate(self.groups) if task in g), None)
+
+    def _adapters_for(self, task: str) -> list[str]:
+        group = self.group_of(task)
+        names = [] if group is None else [group_adapter_name(group)]
+        return names + ([task] if self.task_adapters else [])
+
+    def adapters_for(self, task: str) -> list[str]:
+        """The adapters active for ``task``, in prompt-slot order: ``[group adapter, task adapter]``."""
+        self.check_task(task)
+        return list(self._adapters_of[task])
+
+    def activate(self, task: str) -> None:
+        """Select ``task``'s adapters for the next forward passes (trainability is left as it is)."""
+        self.peft_model.base_model.activate(self._adapters_of[task])
+
+    def _activation_key(self, task: str) -> object:
+        return tuple(self._adapters_of[task])
+
+    def encode_images_mixed(self, pixel_values: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """One vision pass with per-sample prompts: row ``i`` gets the adapters of ``tasks[i]``."""
+        with self.peft_model.base_model.adapter_routes([self._adapters_of[t] for t in tasks]):
+            return self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        from . import __version__
+
+        config = self.config.to_dict()
+        config["source_shape"] = list(config["source_shape"])
+        config.pop("target_modules", None)
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "library_version": __version__,
+            "base_model": self.base_model_id,
+            "tasks": [spec.to_dict() for spec in self.tasks.values()],
+            "groups": self.groups,
+            "task_adapters": self.task_adapters,
+            "adapters": list(self.adapter_names),
+            "mmap_config": {
+                k: config[k] for k in ("prompt_length", "source_shape", "depth", "init_std", "scale_init")
+            },
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write every adapter (PEFT layout, safetensors) plus ``mmap_manifest.json`` and a model card.
+
+        Each file is written to a temporary name and renamed, the manifest last, so an interrupted save
+        never leaves a half-written file or a manifest naming adapters that are not there.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+            self.peft_model.save_pretrained(tmp, selected_adapters=self.adapter_names)
+            save_model_card(
+                self.peft_model, tmp, title="Multi-task MmAP adapters for CLIP", extra=self._card_extra()
+            )
+            for name in self.adapter_names:
+                folder = Path(tmp) / name if name != "default" else Path(tmp)
+                (directory / name).mkdir(exist_ok=True)
+                for file in ADAPTER_FILES:
+                    os.replace(folder / file, directory / name / file)
+            os.replace(Path(tmp) / "README.md", directory / "README.md")
+        atomic_write_json(directory / MANIFEST_NAME, self.manifest())
+        return directory
+
+    def _card_extra(self) -> str:
+        lines = ["## Tasks and groups", ""]
+        for spec in self.tasks.values():
+            lines.append(
+                f"- `{spec.name}`: {len(spec.classnames)} classes, adapters {self._adapters_of[spec.name]}"
+            )
+        lines += [
+            "",
+            f"Groups: {self.groups}",
+            "",
+            "Load with `peft_mmap.MultiTaskMmAP.from_pretrained(base, repo)`.",
+        ]
+        return "\n".join(lines)
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token: str | None = None, api=None
+    ) -> str:
+        """Upload the whole set (adapters, manifest, model card) as one commit; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = api or HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message="Upload multi-task MmAP"
+            )
+        return str(getattr(info, "commit_url", info))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | CLIPModel,
+        adapters: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **hub_kwargs,
+    ) -> MultiTaskMmAP:
+        """Rebuild a saved model: ``base_model`` (hub id, folder or ``CLIPModel``) plus a saved folder or hub repo."""
+        folder = resolve_adapter_folder(adapters, **hub_kwargs)
+        manifest = validate_manifest(read_json(folder / MANIFEST_NAME, "MmAP manifest"), folder)
+        if isinstance(base_model, CLIPModel):
+            clip = base_model
+            base_id = manifest["base_model"]
+        else:
+            clip = CLIPModel.from_pretrained(base_model)
+            base_id = str(base_model)
+        if tokenizer is None:
+            if not base_id:
+                raise ValueError("The manifest names no base model: pass `tokenizer=` explicitly.")
+            tokenizer = CLIPTokenizer.from_pretrained(base_id)
+        tasks = [TaskSpec(t["name"], t["classnames"], t["template"]) for t in manifest["tasks"]]
+        model = cls(
+            clip,
+            tokenizer,
+            tasks,
+            manifest["groups"] or None,
+            MmAPConfig(**manifest["mmap_config"]),
+            task_adapters=manifest["task_adapters"],
+            base_model_id=base_id,
+        )
+        model.load_adapter_weights(folder)
+        return model.eval()
+
+    def load_adapter_weights(self, folder: str | os.PathLike) -> None:
+        """Load every adapter's safetensors from ``folder``, checking all shapes before changing anything."""
+        folder = Path(folder)
+        state = {}
+        for name in self.adapter_names:
+            path = folder / name / "adapter_model.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"Adapter {name!r} is missing: expected {path}.")
+            try:
+                state[name] = load_file(path)
+            except Exception as err:  # safetensors raises several error types for damaged files
+                raise ValueError(
+                    f"Adapter file {path} is corrupted or not a safetensors file: {err}"
+                ) from err
+        expected = {k: v.shape for k, v in self.peft_model.state_dict().items() if "mmap_" in k}
+        for name, tensors in state.items():
+            for key, tensor in tensors.items():
+                model_key = _model_key(key, name)
+                if model_key not in expected:
+                    raise ValueError(
+                        f"Adapter {name!r} has weight {key!r} that this base model has no place for "
+                        f"(different number of layers or towers?)."
+                    )
+                if tuple(expected[model_key]) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"Adapter {name!r} weight {key!r} has shape {tuple(tensor.shape)}, but this base model "
+                        f"expects {tuple(expected[model_key])} (different hidden sizes or prompt config?)."
+                    )
+            missing = sorted(
+                k for k in expected if k.endswith(f".{name}") and _checkpoint_key(k, name) not in tensors
+            )
+            if missing:
+                raise ValueError(
+                    f"Adapter {name!r} lacks weights for {missing[:3]} (and {max(0, len(missing) - 3)} more)."
+                )
+        for name, tensors in state.items():
+            set_peft_model_state_dict(self.peft_model, tensors, adapter_name=name)
+        self.clear_cache()
+
+    def processor(self) -> CLIPProcessor:
+        """A ``CLIPProcessor`` for the base model (image preprocessing identical to the checkpoint's)."""
+        return CLIPProcessor.from_pretrained(self.base_model_id)
+
+
+def _checkpoint_key(model_key: str, adapter_name: str) -> str:
+    return model_key.removesuffix(f".{adapter_name}")
+
+
+def _model_key(checkpoint_key: str, adapter_name: str) -> str:
+    return f"{checkpoint_key}.{adapter_name}"
+
+
+def resolve_adapter_folder(adapters: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local folder with a manifest, or a hub repo id downloaded (JSON and safetensors only)."""
+    path = Path(adapters)
+    if path.is_dir():
+        if not (path / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {MANIFEST_NAME}: not a MultiTaskMmAP folder.")
+        return path
+    if path.exists():
+        raise ValueError(
+            f"{path} is a file; expected a folder saved by MultiTaskMmAP.save_pretrained or a repo id."
+        )
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(str(adapters), allow_patterns=["*.json", "*.safetensors", "*.md"], **hub_kwargs)
+    return resolve_adapter_folder(local)
+
+
+def validate_manifest(manifest: object, folder: Path) -> dict:
+    """Check the manifest's types and that every adapter it names is present; returns it."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"Invalid MmAP manifest {folder / MANIFEST_NAME}: {msg}")
+
+    if not isinstance(manifest, dict):
+        fail(f"expected a JSON object, got {type(manifest).__name__}.")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        fail(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}.")
+    if manifest.get("version") != MANIFEST_VERSION:
+        fail(f"version is {manifest.get('version')!r}, expected {MANIFEST_VERSION}.")
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+        fail("'tasks' must be a non-empty list of objects.")
+    for t in tasks:
+        if not isinstance(t.get("name"), str) or not isinstance(t.get("classnames"), list):
+            fail(f"task entry {t!r} needs 'name' (str) and 'classnames' (list).")
+        if not isinstance(t.get("template"), str):
+            fail(f"task {t.get('name')!r} needs a 'template' string.")
+        check_safe_name(t["name"], "task name")
+    groups = manifest.get("groups")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups
+    ):
+        fail("'groups' must be a list of lists of task names.")
+    if not isinstance(manifest.get("task_adapters"), bool):
+        fail("'task_adapters' must be true or false.")
+    if not isinstance(manifest.get("mmap_config"), dict):
+        fail("'mmap_config' must be an object.")
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+        fail("'adapters' must be a list of adapter names.")
+    for name in adapters:
+        check_safe_name(name, "adapter name")
+        missing = [f for f in ADAPTER_FILES if not (folder / name / f).is_file()]
+        if missing:
+            fail(f"adapter {name!r} is named but {', '.join(missing)} missing in {folder / name}.")
+    return manifest

@@ -1,0 +1,121 @@
+"""MultiTaskMmAP: task routing, logits, text-feature cache, mixed batches, manifest round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_clip
+
+from peft_mmap import MmAPConfig
+from peft_mmap.classifier import TaskSpec
+from peft_mmap.multitask import MANIFEST_NAME, MultiTaskMmAP
+
+TASKS = [
+    TaskSpec("art", ["cat", "dog", "bird"]),
+    TaskSpec("clipart", ["cat", "dog"], template="a clipart of a {}."),
+    TaskSpec("product", ["cup", "key", "bell", "car"]),
+]
+GROUPS = [["art", "clipart"], ["product"]]
+
+
+@pytest.fixture
+def model(tokenizer):
+    m = MultiTaskMmAP(make_clip(), tokenizer, TASKS, GROUPS, MmAPConfig(prompt_length=2, source_shape=(1, 8)))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return m.eval()
+
+
+def test_adapters_per_task_and_logit_shapes(model):
+    assert model.adapters_for("art") == ["group0", "art"]
+    assert model.adapters_for("product") == ["group1", "product"]
+    pixels = torch.randn(2, 3, 16, 16)
+    assert model(pixels, "art").shape == (2, 3)
+    assert model(pixels, "product").shape == (2, 4)
+    with pytest.raises(KeyError, match=r"known tasks: \['art', 'clipart', 'product'\]"):
+        model(pixels, "sketch")
+
+
+def test_logits_equal_a_hand_built_clip_classifier(model, tokenizer):
+    pixels = torch.randn(2, 3, 16, 16)
+    logits = model(pixels, "clipart")
+    peft = model.peft_model
+    peft.base_model.set_adapter(["group0", "clipart"])
+    tokens = tokenizer(
+        ["a clipart of a cat.", "a clipart of a dog."],
+        padding="max_length",
+        max_length=20,
+        return_tensors="pt",
+    )
+    out = peft(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    torch.testing.assert_close(logits, out.logits_per_image, atol=1e-5, rtol=1e-5)
+
+
+def test_text_features_are_cached_and_invalidated_by_updates(model):
+    first = model.text_features("art")
+    assert model.text_features("art") is first
+    with torch.no_grad():
+        model.peft_model.base_model.mmap_source["art"].add_(1.0)
+    second = model.text_features("art")
+    assert second is not first and not torch.allclose(second, first)
+
+
+def test_training_mode_bypasses_the_cache_and_gets_gradients(model):
+    model.train()
+    loss = model(torch.randn(2, 3, 16, 16), "art").logsumexp(-1).sum()
+    loss.backward()
+    grads = {n.split(".")[-1] for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"group0", "art"}
+
+
+def test_mixed_task_batch_equals_per_task_batches(model):
+    pixels = torch.randn(4, 3, 16, 16)
+    tasks = ["art", "product", "clipart", "art"]
+    mixed = model(pixels, tasks)
+    assert mixed.shape == (4, 4)
+    for i, task in enumerate(tasks):
+        single = model(pixels[i : i + 1], task)[0]
+        torch.testing.assert_close(mixed[i, : single.shape[0]], single, atol=1e-5, rtol=1e-5)
+        assert torch.isinf(mixed[i, single.shape[0] :]).all()
+
+
+def test_empty_batch_and_bad_images(model):
+    assert model(torch.zeros(0, 3, 16, 16), "art").shape == (0, 3)
+    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, H, W\)"):
+        model(torch.zeros(2, 1, 16, 16), "art")
+
+
+def test_save_and_load_round_trip(model, tokenizer, tmp_path):
+    pixels = torch.randn(2, 3, 16, 16)
+    expected = {t: model(pixels, t) for t in model.tasks}
+    model.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["groups"] == GROUPS and manifest["adapters"] == [
+        "group0",
+        "group1",
+        "art",
+        "clipart",
+        "product",
+    ]
+    assert (tmp_path / "README.md").is_file()
+    for name in manifest["adapters"]:
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    loaded = MultiTaskMmAP.from_pretrained(make_clip(), tmp_path, tokenizer=tokenizer)
+    for task, logits in expected.items():
+        torch.testing.assert_close(loaded(pixels, task), logits)
+    assert loaded.tasks["clipart"].template == "a clipart of a {}."
+
+
+def test_groups_must_partition_the_tasks(tokenizer):
+    with pytest.raises(ValueError, match="exactly once"):
+        MultiTaskMmAP(make_clip(), tokenizer, TASKS, [["art"], ["product"]])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        MultiTaskMmAP(make_clip(), tokenizer, TASKS, [["art", "clipart", "product", "x"]])
