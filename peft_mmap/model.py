@@ -244,6 +244,43 @@ class MmAPModel(BaseTuner):
         finally:
             self._mmap_shared.routes = previous
 
+    # ---- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MmAPConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to this model and refuse a checkpoint that does not fit it exactly.
+
+        A checkpoint from a model with other hidden sizes, another number of layers or other towers raises
+        a ``ValueError`` naming expected and found shapes; the adapter that PEFT injected just before is
+        removed again (and the base model unwrapped if it was the only one), so nothing is half-loaded.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        suffix = f".{adapter_name}"
+        expected = {
+            k: tuple(v.shape)
+            for k, v in model.state_dict().items()
+            if k.endswith(suffix) and ("mmap_source" in k or "mmap_scale" in k)
+        }
+        found = {k: tuple(v.shape) for k, v in remapped.items() if "mmap_source" in k or "mmap_scale" in k}
+        problems = [f"unexpected weight {k} {s}" for k, s in found.items() if k not in expected]
+        problems += [f"missing weight {k} {s}" for k, s in expected.items() if k not in found]
+        problems += [
+            f"{k}: checkpoint {found[k]} vs model {s}" for k, s in expected.items() if k in found and found[k] != s
+        ]
+        if problems:
+            tuner = getattr(model, "base_model", model)
+            if isinstance(tuner, MmAPModel) and adapter_name in tuner.peft_config:
+                tuner.delete_adapter(adapter_name)
+                if not tuner.peft_config:
+                    tuner.unload()
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise ValueError(
+                f"MmAP adapter {adapter_name!r} does not fit this base model (other hidden sizes, number of "
+                f"layers or towers?): {shown}."
+            )
+        return remapped
+
     # ---- merging and unloading -----------------------------------------------------------------------
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(

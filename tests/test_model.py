@@ -200,3 +200,37 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
     torch.testing.assert_close(mixed, torch.cat(per_task), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="Unknown adapter"), model.base_model.adapter_routes([["g", "nope"]]):
         pass
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        (lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}), "unexpected weight"),
+        (lambda: make_clip(text={"hidden_size": 64, "intermediate_size": 64}), r"checkpoint \(2, 4\) vs model \(2, 8\)"),
+        (lambda: CLIPVisionModel(tiny_clip_config().vision_config), "unexpected weight .*text_model"),
+    ],
+    ids=["fewer-layers", "wider-text", "vision-only"],
+)
+def test_loading_onto_another_architecture_fails_cleanly(clip, tmp_path, target, match):
+    get_peft_model(clip, CFG, adapter_name="a").save_pretrained(tmp_path)
+    base = target()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a")
+    assert not any(isinstance(m, MmAPLayer) for m in base.modules())
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
+    small = get_peft_model(make_clip(), MmAPConfig(prompt_length=2, source_shape=(1, 8)), adapter_name="b")
+    small.save_pretrained(tmp_path)
+    model = _two_adapters(make_clip())
+    expected = model(**batch).logits_per_image
+    (tmp_path / "b" / "adapter_config.json").write_text(
+        (tmp_path / "b" / "adapter_config.json").read_text().replace('"prompt_length": 2', '"prompt_length": 4')
+    )
+    with pytest.raises(ValueError, match="does not fit"):
+        model.load_adapter(tmp_path / "b", adapter_name="b")
+    assert sorted(model.peft_config) == ["art", "group0"]
+    model.base_model.set_adapter(["group0", "art"])
+    torch.testing.assert_close(model(**batch).logits_per_image, expected)
