@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_clip
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftConfig, get_peft_model
 
 from peft_mmap import MmAPConfig
@@ -57,3 +59,21 @@ def test_refused_add_adapter_leaves_the_model_unchanged():
     with pytest.raises(ValueError):
         model.add_adapter("big", MmAPConfig(depth=9))
     assert set(model.state_dict()) == before and list(model.peft_config) == ["group0"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.one_of(st.integers(-3, 12), st.floats(allow_nan=True), st.none(), st.text(max_size=2)),
+    m=st.one_of(st.integers(-3, 6), st.floats(allow_nan=True), st.text(max_size=2)),
+    n=st.one_of(st.integers(-3, 20), st.none()),
+    depth=st.one_of(st.none(), st.integers(-2, 14), st.booleans()),
+)
+def test_fuzzed_configs_either_validate_or_raise_value_error(b, m, n, depth):
+    """Any field combination gives a valid config or a ValueError naming the field, never anything else."""
+    try:
+        config = MmAPConfig(prompt_length=b, source_shape=(m, n), depth=depth)
+    except ValueError as err:
+        assert "MmAPConfig." in str(err)
+        return
+    assert config.prompt_length % config.source_shape[0] == 0
+    assert config.prompt_length > 0 and config.source_shape[1] > 0
