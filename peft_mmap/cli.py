@@ -21,22 +21,18 @@ from transformers import CLIPModel, CLIPProcessor
 from .classifier import DEFAULT_TEMPLATE, TaskSpec
 from .config import MmAPConfig
 from .data import (
-    DOMAINNET_DOMAINS,
-    OFFICE_HOME_DOMAINS,
+    LAYOUTS,
     ImageClassificationDataset,
     TaskSplit,
-    domainnet,
     few_shot_split,
     load_split,
-    office_home,
+    load_task_folders,
     save_split,
-    scan_image_folder,
 )
 from .files import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("generic", "officehome", "domainnet")
 GROUPS_JSON = "groups.json"
 ADAPTERS_DIR = "adapters"
 
@@ -255,12 +251,7 @@ def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
         return splits
     if args.shots is None and args.fraction is None:
         raise ValueError("give --shots K or --fraction F (or an existing --split-file).")
-    if args.layout == "domainnet":
-        folders = domainnet(args.data, args.split_dir, args.tasks or DOMAINNET_DOMAINS)
-    elif args.layout == "officehome":
-        folders = office_home(args.data, args.tasks or OFFICE_HOME_DOMAINS)
-    else:
-        folders = scan_image_folder(args.data, args.tasks)
+    folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     splits = few_shot_split(folders, shots=args.shots, fraction=args.fraction, seed=args.seed)
     if args.split_file is not None:
         save_split(splits, args.split_file, args.data)

@@ -307,6 +307,25 @@ def _class_rng(seed: int, task: str, class_dir: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+LAYOUTS = ("generic", "officehome", "domainnet")
+
+
+def load_task_folders(
+    root: StrPath,
+    layout: str = "generic",
+    split_dir: StrPath | None = None,
+    tasks: Sequence[str] | None = None,
+) -> dict[str, TaskFolder]:
+    """The tasks of a dataset folder in one of `LAYOUTS` (see `scan_image_folder`, `office_home`, `domainnet`)."""
+    if layout == "generic":
+        return scan_image_folder(root, tasks)
+    if layout == "officehome":
+        return office_home(root, tasks or OFFICE_HOME_DOMAINS)
+    if layout == "domainnet":
+        return domainnet(root, split_dir, tasks or DOMAINNET_DOMAINS)
+    raise ValueError(f"Unknown dataset layout {layout!r}; expected one of {LAYOUTS}.")
+
+
 def few_shot_split(
     tasks: dict[str, TaskFolder],
     shots: int | None = None,

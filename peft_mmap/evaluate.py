@@ -99,19 +99,35 @@ def _cell(value: float | MeanStd | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def format_parameters(count: int) -> str:
+    """``149620000 -> '149.62 M'``, ``24192 -> '0.024 M'`` (the paper's unit), ``0 -> '-'``."""
+    if count == 0:
+        return "-"
+    millions = count / 1e6
+    return f"{millions:.2f} M" if millions >= 0.1 else f"{millions:.3g} M"
+
+
 def _rows(
-    results: Mapping[str, Mapping[str, float | MeanStd]], task_order: Sequence[str], digits: int
+    results: Mapping[str, Mapping[str, float | MeanStd]],
+    task_order: Sequence[str],
+    digits: int,
+    parameters: Mapping[str, int] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     header = ["Task", *results]
     rows = []
     for key in [*task_order, AVERAGE]:
         label = "Average" if key == AVERAGE else key
         rows.append([label, *(_cell(method.get(key), digits) for method in results.values())])
+    if parameters is not None:
+        rows.append(["Parameters", *(format_parameters(parameters.get(m, 0)) for m in results)])
     return header, rows
 
 
 def results_table_markdown(
-    results: Mapping[str, Mapping[str, float | MeanStd]], task_order: Sequence[str], digits: int = 1
+    results: Mapping[str, Mapping[str, float | MeanStd]],
+    task_order: Sequence[str],
+    digits: int = 1,
+    parameters: Mapping[str, int] | None = None,
 ) -> str:
     """A markdown table: one row per task of ``task_order`` plus ``Average``, one column per method.
 
@@ -120,18 +136,22 @@ def results_table_markdown(
             missing task shows as ``-``.
         task_order: the rows, in order.
         digits: decimals of the percentages.
+        parameters: ``{method: trainable parameters}`` for a last ``Parameters`` row.
     """
-    header, rows = _rows(results, task_order, digits)
+    header, rows = _rows(results, task_order, digits, parameters)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def results_table_text(
-    results: Mapping[str, Mapping[str, float | MeanStd]], task_order: Sequence[str], digits: int = 1
+    results: Mapping[str, Mapping[str, float | MeanStd]],
+    task_order: Sequence[str],
+    digits: int = 1,
+    parameters: Mapping[str, int] | None = None,
 ) -> str:
     """The same table as `results_table_markdown` with aligned plain-text columns, for the terminal."""
-    header, rows = _rows(results, task_order, digits)
+    header, rows = _rows(results, task_order, digits, parameters)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
