@@ -85,3 +85,33 @@ def tokenizer(tmp_path_factory):
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=20)
     assert tok.bos_token_id == 97 and tok.eos_token_id == 98
     return tok
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+WORKSPACE_TASKS = ("art", "clipart", "product")
+
+
+def make_workspace(root, tokenizer):
+    """``root/data/<task>/<colour>/*.png`` (3 tasks x 3 classes x 4 images) and ``root/model`` (tiny CLIP +
+    processor), so the library and CLI can run end to end as on a real checkpoint and dataset."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    for t, task in enumerate(WORKSPACE_TASKS):
+        for name, colour in COLOURS.items():
+            folder = root / "data" / task / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                shade = tuple(min(255, c + 8 * i + 5 * t) for c in colour)
+                Image.new("RGB", (20, 20), shade).save(folder / f"{i}.png")
+    processor = CLIPProcessor(
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tokenizer
+    )
+    make_clip().save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return root
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, tokenizer):
+    return make_workspace(tmp_path_factory.mktemp("workspace"), tokenizer)

@@ -5,33 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_clip
-from PIL import Image
-from transformers import CLIPImageProcessor, CLIPProcessor
+from conftest import WORKSPACE_TASKS as TASKS
 
 from peft_mmap.cli import SUBCOMMANDS, build_parser, main
 from peft_mmap.multitask import MANIFEST_NAME
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-TASKS = ("art", "clipart", "product")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("cli")
-    for t, task in enumerate(TASKS):
-        for name, colour in COLOURS.items():
-            folder = root / "data" / task / name
-            folder.mkdir(parents=True)
-            for i in range(4):
-                shade = tuple(min(255, c + 8 * i + 5 * t) for c in colour)
-                Image.new("RGB", (20, 20), shade).save(folder / f"{i}.png")
-    processor = CLIPProcessor(
-        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tokenizer
-    )
-    make_clip().save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root
 
 
 def data_args(root) -> list[str]:

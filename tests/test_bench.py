@@ -1,0 +1,81 @@
+"""The benchmark harness end to end on a tiny CLIP and generated image folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peft_mmap import bench as bench_module
+from peft_mmap.bench import Benchmark, BenchmarkSpec, ablation_markdown, plot_shot_sweep
+from peft_mmap.config import MmAPConfig
+from peft_mmap.data import scan_image_folder
+from peft_mmap.evaluate import AVERAGE
+from peft_mmap.train import TrainConfig
+
+QUICK = TrainConfig(epochs=1, batch_size=4, lr=0.01, max_steps=2)
+
+
+def spec(**overrides) -> BenchmarkSpec:
+    values = dict(
+        methods=["zeroshot", "mmap", "coop_mt"], seeds=[1, 2], shots=2, train=QUICK,
+        mmap=MmAPConfig(prompt_length=2, source_shape=(1, 8)), affinity_snapshots=2, eval_batch_size=8,
+        device="cpu",
+    )  # fmt: skip
+    values.update(overrides)
+    return BenchmarkSpec(**values)
+
+
+def test_benchmark_writes_results_and_resumes(workspace, tmp_path, monkeypatch):
+    folders = scan_image_folder(workspace / "data")
+    bench = Benchmark(workspace / "model", folders, spec(), tmp_path, progress=False, log=lambda _: None)
+    results = bench.run()
+    assert set(results) >= {"methods", "grouping", "seeds"} and results["seeds"] == [1, 2]
+    assert sorted(t for g in results["grouping"] for t in g) == sorted(folders)
+    for name in ("zeroshot", "mmap", "coop_mt"):
+        entry = results["methods"][name]
+        assert set(entry["tasks"]) == set(folders) and 0 <= entry["average"] <= 100
+    assert results["methods"]["zeroshot"]["trainable_params"] == 0
+    assert results["methods"]["mmap"]["trainable_params"] > 0
+    assert (tmp_path / "results.md").read_text().count("|") > 10
+    assert (tmp_path / "grouping" / "affinity.png").is_file()
+    assert (tmp_path / "runs" / "mmap" / "seed1" / "adapters" / "mmap_manifest.json").is_file()
+    assert not (tmp_path / "runs" / "mmap" / "seed1" / "checkpoint").exists()
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["methods"]["mmap"]["average"] == results["methods"]["mmap"]["average"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished (method, seed) was trained again")
+
+    monkeypatch.setattr(bench_module, "train", no_training)
+    monkeypatch.setattr(bench_module, "task_affinity", no_training)
+    again = Benchmark(
+        workspace / "model", folders, spec(), tmp_path, progress=False, log=lambda _: None
+    ).run()
+    assert again["methods"] == results["methods"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"methods": []}, "methods is empty"),
+        ({"methods": ["nope"]}, r"Unknown methods \['nope'\]"),
+        ({"shots": None}, "exactly one of"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+    ],
+)
+def test_spec_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        spec(**overrides)
+
+
+def test_ablation_table_and_sweep_plot(tmp_path):
+    entry = {"average": 80.0, "std": {AVERAGE: 0.5}}
+    table = ablation_markdown({"mmap": entry, "mmap_task_only": entry})
+    assert "| `mmap_task_only` | ✓ | ✗ |" in table and "| `mmap` | ✓ | Group |" in table
+    sweep = {
+        "shots": [1, 3],
+        "methods": {"mmap": {"1": {"a": 50.0, AVERAGE: 50.0}, "3": {"a": 60.0, AVERAGE: 60.0}}},
+    }
+    path = plot_shot_sweep(sweep, tmp_path / "sweep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
