@@ -34,6 +34,7 @@ from .files import atomic_write_json, read_json
 logger = logging.getLogger(__name__)
 
 GROUPS_JSON = "groups.json"
+DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
 ADAPTERS_DIR = "adapters"
 
 
@@ -105,7 +106,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """Dataset options; ``single_run=False`` leaves out ``--seed``/``--split-file`` (the benchmark draws
+    one split per seed itself)."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data", required=True, type=Path, help="data root holding one folder per task/domain."
@@ -128,14 +131,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     amount.add_argument(
         "--fraction", type=fraction, help="fraction of each class used for training, in (0, 1)."
     )
-    data.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed of the split and of training (default 0)."
-    )
-    data.add_argument(
-        "--split-file",
-        type=Path,
-        help="JSON split: reused if it exists, else written after drawing the split.",
-    )
+    if single_run:
+        data.add_argument(
+            "--seed", type=non_negative_int, default=0, help="seed of the split and of training (default 0)."
+        )
+        data.add_argument(
+            "--split-file",
+            type=Path,
+            help="JSON split: reused if it exists, else written after drawing the split.",
+        )
     data.add_argument(
         "--skip-unreadable", action="store_true", help="drop images PIL cannot read instead of failing."
     )
@@ -219,7 +223,7 @@ def train_config(args: argparse.Namespace):
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, optimizer=args.optimizer, scheduler=args.scheduler,
         warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, num_workers=args.num_workers,
+        gradient_checkpointing=args.gradient_checkpointing, seed=getattr(args, "seed", 0), num_workers=args.num_workers,
         log_every=args.log_every, max_steps=args.max_steps, grad_clip=args.grad_clip,
     )  # fmt: skip
 
@@ -419,6 +423,97 @@ def run_eval(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .baselines import METHODS
+
+    add_model_arguments(parser)
+    add_data_arguments(parser, single_run=False)
+    add_train_arguments(parser)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=list(DEFAULT_BENCH_METHODS),
+        metavar="METHOD",
+        help=f"methods to run (default: {' '.join(DEFAULT_BENCH_METHODS)}); one of {', '.join(sorted(METHODS))}.",
+    )
+    bench.add_argument(
+        "--seeds", nargs="+", type=non_negative_int, default=[1, 2, 3], help="seeds (default 1 2 3)."
+    )
+    bench.add_argument(
+        "--num-groups", type=positive_int, default=2, help="task groups found by grouping (default 2)."
+    )
+    bench.add_argument("--groups-inline", type=inline_groups, help="fixed groups like 'art,clipart;product'.")
+    bench.add_argument(
+        "--snapshots",
+        type=positive_int,
+        default=10,
+        help="affinity snapshots of the grouping run (default 10).",
+    )
+    bench.add_argument("--eval-batch-size", type=positive_int, default=64, help="evaluation batch size.")
+    bench.add_argument(
+        "--sweep-shots",
+        nargs="+",
+        type=positive_int,
+        help="run a k-shot sweep (e.g. 1 3 6 12) instead of one --shots/--fraction setting.",
+    )
+    bench.add_argument(
+        "--output", type=Path, required=True, help="results folder (finished runs there are not rerun)."
+    )
+
+
+def bench_spec(args: argparse.Namespace):
+    from .bench import BenchmarkSpec
+
+    shots = args.shots if args.shots or args.fraction else (args.sweep_shots or [None])[0]
+    if shots is None and args.fraction is None:
+        raise ValueError("give --shots K, --fraction F or --sweep-shots K1 K2 ...")
+    return BenchmarkSpec(
+        methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
+        train=train_config(args), mmap=mmap_config(args), num_groups=args.num_groups,
+        groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
+        eval_batch_size=args.eval_batch_size, device=args.device,
+    )  # fmt: skip
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from .bench import Benchmark, run_shot_sweep
+
+    folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
+    spec = bench_spec(args)
+    if args.sweep_shots:
+        run_shot_sweep(args.model, folders, spec, args.output, shots=args.sweep_shots)
+    else:
+        Benchmark(args.model, folders, spec, args.output).run()
+    print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    from .params import ARCHS
+
+    parser.add_argument(
+        "--arch",
+        default="vit-b16",
+        choices=sorted(ARCHS),
+        help="CLIP architecture, built from its config (default vit-b16).",
+    )
+    parser.add_argument("--tasks", type=positive_int, default=4, help="number of tasks (default 4).")
+    parser.add_argument("--groups", type=positive_int, default=2, help="number of task groups (default 2).")
+    parser.add_argument("--json", type=Path, help="also write {arch, methods} to this JSON file.")
+
+
+def run_params(args: argparse.Namespace) -> None:
+    from .params import count_method_parameters, markdown_table
+
+    if args.groups > args.tasks:
+        raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
+    counts = count_method_parameters(args.arch, args.tasks, args.groups)
+    print(markdown_table(args.arch, counts))
+    if args.json is not None:
+        atomic_write_json(args.json, {"arch": args.arch, "methods": counts})
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -445,6 +540,18 @@ SUBCOMMANDS: list[Subcommand] = [
         "evaluate saved adapters on the test splits and write a results JSON.",
         add_eval_arguments,
         run_eval,
+    ),
+    Subcommand(
+        "bench",
+        "run several methods x seeds on k-shot splits and write the paper-style tables (resumable).",
+        add_bench_arguments,
+        run_bench,
+    ),
+    Subcommand(
+        "params",
+        "count every method's trainable parameters for a CLIP architecture (no weights needed).",
+        add_params_arguments,
+        run_params,
     ),
 ]
 

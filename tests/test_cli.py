@@ -103,8 +103,22 @@ def test_library_errors_become_usage_errors(workspace, tmp_path, capsys):
 
 def test_every_option_is_documented():
     parser = build_parser()
-    assert [c.name for c in SUBCOMMANDS] == ["group", "train", "eval"]
+    assert {"group", "train", "eval", "bench", "params"} <= {c.name for c in SUBCOMMANDS}
     subparsers = next(a for a in parser._actions if a.choices and "train" in a.choices).choices
     for name, sub in subparsers.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_bench_subcommand_writes_tables(workspace, tmp_path, capsys):
+    argv = ["bench", "--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2",
+            "--device", "cpu", "--methods", "zeroshot", "mmap_task_only", "--seeds", "1", "--epochs", "1",
+            "--batch-size", "4", "--max-steps", "1", "--prompt-length", "2", "--source-shape", "1", "8",
+            "--output", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"zeroshot", "mmap_task_only"}
+    assert "Parameters" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-2], "--methods", "nope", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2

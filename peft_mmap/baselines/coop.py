@@ -1,0 +1,36 @@
+"""CoOp (Zhou et al., 2022): learnable text context shared by the classes of a task.
+
+Class prompt: ``[SOS, ctx_1, ..., ctx_n, class tokens, ".", EOS]`` -- the context replaces the template.
+The context is inserted before the first text encoder layer (shallow prompt); it carries no positional
+embedding and the class tokens keep CLIP's positions (see `peft_mmap.prompting`), which also removes
+CoOp's limit of ``n_ctx + class tokens <= 77``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPConfig
+
+from ..layer import Tower
+from .prompted import PromptUnit
+
+#: Context tokens and init std of CoOp.
+DEFAULT_N_CTX, DEFAULT_INIT_STD = 16, 0.02
+
+
+class CoOpContext(PromptUnit):
+    """``n_ctx`` learnable text tokens ``(n_ctx, d_l)``, N(0, init_std²) init. Parameters: ``n_ctx * d_l``."""
+
+    def __init__(self, config: CLIPConfig, n_ctx: int = DEFAULT_N_CTX, init_std: float = DEFAULT_INIT_STD):
+        super().__init__()
+        self.lengths = {"text": n_ctx, "vision": 0}
+        self.ctx = nn.Parameter(torch.randn(n_ctx, config.text_config.hidden_size) * init_std)
+
+    def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
+        return self.ctx if tower == "text" and layer == 0 else None
+
+
+def coop_parameters(config: CLIPConfig, n_ctx: int = DEFAULT_N_CTX) -> int:
+    """Parameters of one `CoOpContext`."""
+    return n_ctx * config.text_config.hidden_size

@@ -1,0 +1,57 @@
+"""MaPLe (Khattak et al., 2023): deep text prompts, and vision prompts projected from them.
+
+Class prompt: ``[SOS, p_1, ..., p_b, class tokens, ".", EOS]`` at layer 0 (the prompts replace the
+template); at each of the first ``depth`` layers both towers get new prompts: text ``P^k`` ``(b, d_l)``
+and vision ``Linear_k(P^k)`` ``(b, d_v)``. Defaults: ``b=2``, ``depth=9`` (clipped to the layers both
+towers have), text prompts N(0, 0.02²).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPConfig
+
+from ..layer import Tower
+from .prompted import PromptUnit, prompt_depth
+
+DEFAULT_PROMPT_LENGTH, DEFAULT_DEPTH, DEFAULT_INIT_STD = 2, 9, 0.02
+
+
+def _depth(config: CLIPConfig, depth: int | None) -> int:
+    layers = min(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
+    return prompt_depth(depth, layers, default=DEFAULT_DEPTH)
+
+
+class MaPLePrompts(PromptUnit):
+    """Text prompts ``(depth, b, d_l)`` and one ``Linear(d_l, d_v)`` per depth.
+
+    Parameters: ``depth * (b * d_l + d_l * d_v + d_v)``.
+    """
+
+    def __init__(
+        self,
+        config: CLIPConfig,
+        prompt_length: int = DEFAULT_PROMPT_LENGTH,
+        depth: int | None = None,
+        init_std: float = DEFAULT_INIT_STD,
+    ):
+        super().__init__()
+        d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
+        self.depth = _depth(config, depth)
+        self.lengths = {"text": prompt_length, "vision": prompt_length}
+        self.text = nn.Parameter(torch.randn(self.depth, prompt_length, d_l) * init_std)
+        self.projections = nn.ModuleList(nn.Linear(d_l, d_v) for _ in range(self.depth))
+
+    def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
+        if layer >= self.depth:
+            return None
+        return self.text[layer] if tower == "text" else self.projections[layer](self.text[layer])
+
+
+def maple_parameters(
+    config: CLIPConfig, prompt_length: int = DEFAULT_PROMPT_LENGTH, depth: int | None = None
+) -> int:
+    """Parameters of one `MaPLePrompts`."""
+    d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
+    return _depth(config, depth) * (prompt_length * d_l + d_l * d_v + d_v)

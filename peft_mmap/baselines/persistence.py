@@ -1,0 +1,64 @@
+"""Save and load the trainable parameters of any `CLIPTaskClassifier` as one safetensors file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: parameter}`` of the parameters with ``requires_grad`` (shared parameters once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the trainable parameters of ``model`` to ``path`` (safetensors, contiguous CPU copies)."""
+    path = Path(path)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in trainable_state(model).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load parameters saved by `save_trainable` into ``model`` in place.
+
+    The file must hold exactly the trainable parameters of ``model`` with the same shapes; every name and
+    shape is checked before anything is copied, so a mismatch leaves ``model`` unchanged.
+    """
+    tensors = load_file(str(path))
+    expected = trainable_state(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match this model's trainable parameters: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (different method, tasks or options?)."
+        )
+    wrong = {
+        n: (tuple(t.shape), tuple(expected[n].shape))
+        for n, t in tensors.items()
+        if t.shape != expected[n].shape
+    }
+    if wrong:
+        raise ValueError(f"{path}: shape mismatch (file vs model) for {wrong} (different CLIP or options?).")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor)
+    clear = getattr(model, "clear_cache", None)
+    if clear is not None:
+        clear()
+
+
+class TrainableStateMixin:
+    """Adds ``save_trainable(path)`` / ``load_trainable(path)`` to an ``nn.Module``."""
+
+    def save_trainable(self, path: str | os.PathLike) -> Path:
+        """Write the trainable parameters to ``path`` (see `save_trainable`)."""
+        return save_trainable(self, path)
+
+    def load_trainable(self, path: str | os.PathLike) -> None:
+        """Load parameters written by `save_trainable`, with a strict name and shape check."""
+        load_trainable(self, path)

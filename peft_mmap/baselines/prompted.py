@@ -1,0 +1,119 @@
+"""`PromptClassifier`: frozen CLIP plus deep prompt units, one set per task, shared, or per group and task.
+
+A *prompt unit* (`PromptUnit`) owns the learnable prompts of one parameter set (CoOp context, VPT prompts,
+MaPLe prompts, ...). A task uses a list of units whose slots are placed in that order after SOS/CLS:
+
+* ``"task"`` layout (single-task baselines): one unit per task, ``units_of[t] == [t]``;
+* ``"shared"`` layout (``*_mt`` baselines): one unit for all tasks, ``units_of[t] == ["shared"]``;
+* ``"grouped"`` layout (MmAP-like): one unit per group and one per task, ``units_of[t] == ["group<g>", t]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import CLIPConfig, PreTrainedTokenizerBase
+
+from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
+from ..layer import Tower
+from ..multitask import check_groups, group_adapter_name
+from ..prompting import PromptSlot, install_deep_prompts, tower_encoders
+from .persistence import TrainableStateMixin
+
+Layout = Literal["task", "shared", "grouped"]
+SHARED_UNIT = "shared"
+
+
+class PromptUnit(nn.Module):
+    """The learnable prompts of one parameter set. Subclasses set `lengths` and implement `prompts`."""
+
+    #: Prompt tokens per layer in each tower (0 = this unit does not prompt that tower).
+    lengths: dict[Tower, int]
+
+    def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
+        """New prompt tokens ``(lengths[tower], d_tower)`` at ``layer``, or ``None`` past the unit's depth."""
+        raise NotImplementedError
+
+
+def unit_layout(
+    task_names: Sequence[str], layout: Layout, groups: Sequence[Sequence[str]] | None = None
+) -> dict[str, list[str]]:
+    """``{task: [unit name, ...]}`` for a layout; ``"grouped"`` with ``groups=None`` uses one group."""
+    if layout == "task":
+        return {t: [t] for t in task_names}
+    if layout == "shared":
+        return {t: [SHARED_UNIT] for t in task_names}
+    if layout == "grouped":
+        parts = check_groups(groups, list(task_names)) if groups is not None else [list(task_names)]
+        clash = sorted({group_adapter_name(i) for i in range(len(parts))} & set(task_names))
+        if clash:
+            raise ValueError(f"Task names {clash} clash with group unit names; rename those tasks.")
+        return {t: [group_adapter_name(i), t] for i, part in enumerate(parts) for t in part}
+    raise ValueError(f"Unknown layout {layout!r}: expected 'task', 'shared' or 'grouped'.")
+
+
+def count_units(num_tasks: int, layout: Layout, num_groups: int | None = None) -> int:
+    """Number of units a layout creates (closed form of `unit_layout`)."""
+    return {"task": num_tasks, "shared": 1, "grouped": (num_groups or 1) + num_tasks}[layout]
+
+
+class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
+    """A frozen ``CLIPModel`` whose encoders get the deep prompts of each task's units.
+
+    Only the units' parameters are trainable. Every encoder layer of both towers is wrapped in a
+    `peft_mmap.prompting.DeepPromptLayer` (``clip`` is modified in place: pass a fresh model).
+
+    Args:
+        clip: a transformers ``CLIPModel``.
+        tokenizer: its tokenizer.
+        tasks: the tasks.
+        make_unit: builds one unit from the model config.
+        layout: how units map to tasks (see the module docstring).
+        groups: task groups for the ``"grouped"`` layout (``None`` = one group of all tasks).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks: Sequence[TaskSpec] | dict[str, Sequence[str]],
+        make_unit: Callable[[CLIPConfig], PromptUnit],
+        layout: Layout,
+        groups: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        specs = as_task_specs(tasks)
+        super().__init__(clip, tokenizer, specs)
+        self.layout = layout
+        self.units_of = unit_layout(list(specs), layout, groups)
+        clip.requires_grad_(False)
+        device = next(clip.parameters()).device
+        names = dict.fromkeys(n for units in self.units_of.values() for n in units)
+        self.units = nn.ModuleDict({n: make_unit(clip.config).to(device) for n in names})
+        self._active: list[str] = self.units_of[next(iter(specs))]
+        for tower, encoder in tower_encoders(clip).items():
+            install_deep_prompts(encoder, lambda layer, tower=tower: self._slots(tower, layer))
+
+    def activate(self, task: str) -> None:
+        """Use ``task``'s units for the next forward passes."""
+        self._active = self.units_of[self.check_task(task).name]
+
+    def _slots(self, tower: Tower, layer: int) -> list[PromptSlot]:
+        units = [self.units[name] for name in self._active]
+        return [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
+
+
+def prompt_depth(depth: int | None, num_layers: int, default: int | None = None) -> int:
+    """Prompted layers: ``depth``, else ``default`` clipped to ``num_layers``, else every layer."""
+    if depth is None:
+        return num_layers if default is None else min(default, num_layers)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_layers:
+        raise ValueError(f"depth must be an int in [1, {num_layers}] for this model, got {depth!r}.")
+    return depth
+
+
+def class_name_tasks(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> list[TaskSpec]:
+    """The tasks with template ``"{}."``: learnable context replaces the hand-written template (CoOp, MaPLe)."""
+    return [TaskSpec(s.name, s.classnames, "{}.") for s in as_task_specs(tasks).values()]
