@@ -86,6 +86,47 @@ def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.
     return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
 
 
+#: One prompt slot at one layer: new tokens ``(n, d)``/``(1 or B, n, d)``, or ``None`` (keep the slot's
+#: current tokens: its owner is past its depth), and the slot length ``n``.
+PromptSlot = tuple[torch.Tensor | None, int]
+
+
+def forward_with_prompt_slots(
+    base_layer: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer_index: int,
+    num_layers: int,
+    slots: list[PromptSlot],
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Run one CLIP encoder layer with deep prompt slots spliced in after position 0.
+
+    At layer 0 every slot's tokens are inserted after CLS/SOS; at a later layer each slot is replaced by
+    its new tokens (or flows through when they are ``None``); after the last layer all prompt tokens are
+    removed again. ``hidden_states``: ``(B, L, d)`` at layer 0, ``(B, L + T, d)`` after it, with ``T`` the
+    total slot length; returns the same layout (``(B, L, d)`` after the last layer).
+    """
+    if not slots:
+        return base_layer(hidden_states, attention_mask, **kwargs)
+    batch = hidden_states.shape[0]
+    total = sum(length for _, length in slots)
+    pieces, offset = [hidden_states[:, :1]], 1
+    for prompts, length in slots:
+        if prompts is None:
+            if layer_index == 0:
+                raise RuntimeError("A prompt slot has no tokens at the first layer.")
+            prompts = hidden_states[:, offset : offset + length]
+        pieces.append(prompts.to(hidden_states.dtype).expand(batch, -1, -1))
+        offset += length
+    rest = hidden_states[:, 1:] if layer_index == 0 else hidden_states[:, 1 + total :]
+    hidden_states = torch.cat([*pieces, rest], dim=1)
+    out = base_layer(hidden_states, expand_attention_mask(attention_mask, total), **kwargs)
+    if layer_index == num_layers - 1:
+        out = torch.cat([out[:, :1], out[:, 1 + total :]], dim=1)
+    return out
+
+
 class MmAPLayer(nn.Module, BaseTunerLayer):
     """Wraps one ``CLIPEncoderLayer`` of one tower and adds MmAP prompts around it.
 
@@ -182,27 +223,15 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
     ) -> torch.Tensor:
         """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout."""
         if self.disable_adapters or (not self.active_adapters and self._shared.routes is None):
-            return self.base_layer(hidden_states, attention_mask, **kwargs)
-        batch = hidden_states.shape[0]
-        slots = self._slots(batch)
-        num_prompts = sum(length for _, length in slots)
-        pieces = [hidden_states[:, :1]]
-        offset = 1
-        for names, length in slots:
-            prompts = self._slot_prompts(names, hidden_states)
-            if prompts is None:
-                if self.layer_index == 0:
-                    raise RuntimeError(f"Adapter {names[0]!r} has no prompts at the first layer.")
-                prompts = hidden_states[:, offset : offset + length]
-            pieces.append(prompts.expand(batch, -1, -1))
-            offset += length
-        rest = hidden_states[:, 1:] if self.layer_index == 0 else hidden_states[:, 1 + num_prompts :]
-        hidden_states = torch.cat([*pieces, rest], dim=1)
-        attention_mask = expand_attention_mask(attention_mask, num_prompts)
-        out = self.base_layer(hidden_states, attention_mask, **kwargs)
-        if self.layer_index == self.num_layers - 1:
-            out = torch.cat([out[:, :1], out[:, 1 + num_prompts :]], dim=1)
-        return out
+            slots = []
+        else:
+            slots = [
+                (self._slot_prompts(names, hidden_states), length)
+                for names, length in self._slots(hidden_states.shape[0])
+            ]
+        return forward_with_prompt_slots(
+            self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
+        )
 
     def __repr__(self) -> str:
         return f"mmap.{super().__repr__()}"

@@ -22,10 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import Tower, expand_attention_mask
+from .layer import PromptSlot, Tower, forward_with_prompt_slots
 
-#: One prompt slot at one layer: new tokens ``(n, d)`` (or ``None`` = keep the slot's current tokens) and ``n``.
-PromptSlot = tuple[torch.Tensor | None, int]
 #: ``slots(layer_index) -> [slot, ...]`` for one tower, in slot order; ``[]`` = no prompts at all.
 SlotFn = Callable[[int], list[PromptSlot]]
 
@@ -51,27 +49,11 @@ class DeepPromptLayer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        """``hidden_states``: ``(B, L, d)`` at layer 0, ``(B, L + T, d)`` after it; returns the same layout
-        (``(B, L, d)`` after the last layer). ``T`` is the total length of the slots."""
+        """See `peft_mmap.layer.forward_with_prompt_slots`."""
         slots = self.slots(self.layer_index)
-        if not slots:
-            return self.base_layer(hidden_states, attention_mask, **kwargs)
-        batch = hidden_states.shape[0]
-        total = sum(length for _, length in slots)
-        pieces, offset = [hidden_states[:, :1]], 1
-        for prompts, length in slots:
-            if prompts is None:
-                if self.layer_index == 0:
-                    raise RuntimeError("A prompt slot has no tokens at the first layer.")
-                prompts = hidden_states[:, offset : offset + length]
-            pieces.append(prompts.to(hidden_states.dtype).expand(batch, -1, -1))
-            offset += length
-        rest = hidden_states[:, 1:] if self.layer_index == 0 else hidden_states[:, 1 + total :]
-        hidden_states = torch.cat([*pieces, rest], dim=1)
-        out = self.base_layer(hidden_states, expand_attention_mask(attention_mask, total), **kwargs)
-        if self.layer_index == self.num_layers - 1:
-            out = torch.cat([out[:, :1], out[:, 1 + total :]], dim=1)
-        return out
+        return forward_with_prompt_slots(
+            self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
+        )
 
 
 def install_deep_prompts(encoder: nn.Module, slots: SlotFn) -> None:
