@@ -1,0 +1,121 @@
+"""Tests of the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` and of its pretraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPTokenizer
+
+from peft_mmap.synthetic import SYNTHETIC_CLASSES, render_image
+from peft_mmap.tiny_clip import TINY_CLIP_PATH, load_tiny_clip, pretrain_tiny_clip
+
+torch.set_num_threads(2)
+
+needs_assets = pytest.mark.skipif(
+    not (TINY_CLIP_PATH / "model.safetensors").is_file(),
+    reason="tiny CLIP assets not generated yet: run scripts/pretrain_tiny_clip.py",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> tuple:
+    """The shipped (model, processor)."""
+    return load_tiny_clip()
+
+
+@needs_assets
+def test_assets_present_and_small() -> None:
+    names = {p.name for p in TINY_CLIP_PATH.iterdir()}
+    required = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                "preprocessor_config.json"}
+    assert required <= names
+    total = sum(p.stat().st_size for p in TINY_CLIP_PATH.iterdir() if p.is_file())
+    assert total <= 10 * 1024 * 1024
+
+
+@needs_assets
+def test_config_is_consistent(tiny_clip: tuple) -> None:
+    model, processor = tiny_clip
+    text, vision = model.config.text_config, model.config.vision_config
+    assert text.num_hidden_layers == vision.num_hidden_layers
+    assert np.gcd(text.hidden_size, vision.hidden_size) >= 8
+    tokenizer = processor.tokenizer
+    assert text.eos_token_id == tokenizer.eos_token_id != 2
+    assert text.bos_token_id == tokenizer.bos_token_id
+    assert text.pad_token_id == tokenizer.pad_token_id
+    assert text.vocab_size == len(tokenizer)
+    assert processor.image_processor.crop_size["height"] == vision.image_size
+
+
+@needs_assets
+def test_loads_offline_in_fresh_process() -> None:
+    code = (
+        "from transformers import CLIPModel, CLIPProcessor; import sys; p = sys.argv[1]; "
+        "m = CLIPModel.from_pretrained(p); CLIPProcessor.from_pretrained(p); print(m.config.projection_dim)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
+    result = subprocess.run([sys.executable, "-c", code, str(TINY_CLIP_PATH)], env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "128"
+
+
+@needs_assets
+def test_tokenizer_round_trip() -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_CLIP_PATH)
+    vocab = json.loads((TINY_CLIP_PATH / "vocab.json").read_text())
+    assert len(vocab) == len(tokenizer)
+    assert (TINY_CLIP_PATH / "merges.txt").read_text().startswith("#version")
+    for class_name in SYNTHETIC_CLASSES:
+        text = f"a photo of a {class_name}."
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.unk_token_id not in ids[1:-1]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert all(t.endswith("</w>") for t in tokenizer.tokenize("a photo of a boat"))
+    batch = tokenizer(["a cup", "a painting of a mushroom on canvas"], padding=True)
+    assert batch["input_ids"][0][-1] == tokenizer.pad_token_id
+
+
+@needs_assets
+def test_zero_shot_photo_well_above_chance(tiny_clip: tuple) -> None:
+    model, processor = tiny_clip
+    rng = np.random.default_rng(2024)
+    per_class = 4
+    images = [render_image(c, "Photo", rng) for c in SYNTHETIC_CLASSES for _ in range(per_class)]
+    labels = torch.arange(len(SYNTHETIC_CLASSES)).repeat_interleave(per_class)
+    prompts = [f"a photo of a {c}." for c in SYNTHETIC_CLASSES]
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    accuracy = logits.argmax(-1).eq(labels).float().mean().item()
+    assert accuracy > 3 / len(SYNTHETIC_CLASSES)
+
+
+@needs_assets
+def test_pretraining_report_shipped() -> None:
+    report = json.loads((TINY_CLIP_PATH / "pretraining.json").read_text())
+    assert set(report["zero_shot_accuracy"]) == {"Photo", "Clipart", "Sketch", "Painting"}
+    assert report["zero_shot_accuracy"]["Photo"] > 3 / len(SYNTHETIC_CLASSES)
+
+
+@pytest.mark.slow
+def test_pretraining_is_deterministic(tmp_path: Path) -> None:
+    kwargs = {"seed": 3, "steps": 3, "batch_size": 16, "num_pairs": 64, "log_every": 0}
+    first = pretrain_tiny_clip(tmp_path / "a", **kwargs)
+    second = pretrain_tiny_clip(tmp_path / "b", **kwargs)
+    assert first["final_loss"] == second["final_loss"]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "vocab.json").read_bytes() == (tmp_path / "b" / "vocab.json").read_bytes()
+    model = CLIPModel.from_pretrained(tmp_path / "a")
+    assert not torch.equal(model.logit_scale, torch.tensor(2.6592))  # it was trained
