@@ -389,14 +389,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, method_result, results_table_text, write_results_json
-    from .multitask import MANIFEST_NAME, MultiTaskMmAP
+    from .multitask import MANIFEST_NAME, MultiTaskMmAP, read_manifest
 
     folder = (
         args.adapters / ADAPTERS_DIR
         if (args.adapters / ADAPTERS_DIR / MANIFEST_NAME).is_file()
         else args.adapters
     )
-    base = args.model or read_json(folder / MANIFEST_NAME, "MmAP manifest").get("base_model")
+    base = args.model or read_manifest(folder)["base_model"]
     if not base:
         raise ValueError("the adapters' manifest names no base model: pass --model.")
     clip, processor = load_model(base)
@@ -514,6 +514,45 @@ def run_params(args: argparse.Namespace) -> None:
         atomic_write_json(args.json, {"arch": args.arch, "methods": counts})
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .baselines import METHODS
+
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("peft-mmap-demo"),
+        help="results folder (default ./peft-mmap-demo).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one seed, 2 epochs, 4 methods: about 2 minutes on 2 CPU cores."
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        metavar="METHOD",
+        help="methods (default: all baselines + mmap).",
+    )
+    parser.add_argument(
+        "--model", default=None, help="CLIP checkpoint (default: the tiny CLIP shipped in the package)."
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the synthetic benchmark is generated (default: ~/.cache/peft_mmap).",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo as demo
+
+    demo(args.output, args.quick, args.seeds, args.methods, args.model, args.data_dir, args.device)
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -523,6 +562,12 @@ class Subcommand:
 
 
 SUBCOMMANDS: list[Subcommand] = [
+    Subcommand(
+        "demo",
+        "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, task switching.",
+        add_demo_arguments,
+        run_demo,
+    ),
     Subcommand(
         "group",
         "train a global shared MmAP, measure task affinity (Eq. 8) and group the tasks.",

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -32,6 +35,12 @@ def check_safe_name(name: object, what: str = "name") -> str:
     return name
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s contents to disk."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
@@ -45,8 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -69,12 +77,28 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read a JSON file with a clear error for a missing or malformed file."""
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int | None = None) -> Any:
+    """Read a JSON file with a clear error for a missing, oversized (``> max_bytes``) or malformed file."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")
+    size = p.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(
+            f"{what} {p} is {size} bytes, more than the {max_bytes} allowed; refusing to parse it."
+        )
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} {p} is not valid JSON: {err}") from err
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle) with a clear error for a missing, truncated or corrupted file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        return load_file(p)
+    except Exception as err:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{what} {p} is truncated, corrupted or not a safetensors file: {err}") from err

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
 
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
 from .config import MmAPConfig
-from .files import atomic_write_json, check_safe_name, read_json
+from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, read_json
 from .hub import save_model_card
 
 MANIFEST_NAME = "mmap_manifest.json"
 MANIFEST_FORMAT = "peft_mmap.multitask"
 MANIFEST_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_MANIFEST_BYTES = 10 * 2**20
+"""Manifests larger than this (10 MiB) are refused before parsing."""
+MANIFEST_CONFIG_FIELDS = frozenset({"prompt_length", "source_shape", "depth", "init_std", "scale_init"})
+COMMIT_NAME = ".mmap_commit.json"
+STAGING_PREFIX = ".staging-"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+"""The only files fetched from the hub: no code, no pickles."""
 
 
 def group_adapter_name(index: int) -> str:
@@ -146,31 +154,54 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             "groups": self.groups,
             "task_adapters": self.task_adapters,
             "adapters": list(self.adapter_names),
-            "mmap_config": {
-                k: config[k] for k in ("prompt_length", "source_shape", "depth", "init_std", "scale_init")
-            },
+            "mmap_config": {k: config[k] for k in sorted(MANIFEST_CONFIG_FIELDS)},
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write every adapter (PEFT layout, safetensors) plus ``mmap_manifest.json`` and a model card.
 
-        Each file is written to a temporary name and renamed, the manifest last, so an interrupted save
-        never leaves a half-written file or a manifest naming adapters that are not there.
+        Crash safety (a crash or ``kill -9`` at any point leaves one consistent version readable):
+
+        1. the complete new set is written into a fresh hidden folder ``directory/.staging-*``;
+        2. ``directory/.mmap_commit.json`` naming that folder is written atomically: the commit point;
+        3. each file is copied over its live counterpart (temporary name + rename), the manifest last;
+        4. the commit marker, then every staging folder (and temporary file left by earlier crashes), is removed.
+
+        `from_pretrained` reads the staged set while a commit marker exists, so it sees the old version
+        before step 2 and the new one after it, never a mix. A folder interrupted in step 3 is a mix only
+        for readers that bypass `from_pretrained` (e.g. ``PeftModel.from_pretrained(..., subfolder=...)``);
+        the next save finishes it. Adapter folders of an earlier save that the new set no longer names
+        are left in place (the manifest does not list them).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-            self.peft_model.save_pretrained(tmp, selected_adapters=self.adapter_names)
-            save_model_card(
-                self.peft_model, tmp, title="Multi-task MmAP adapters for CLIP", extra=self._card_extra()
-            )
-            for name in self.adapter_names:
-                folder = Path(tmp) / name if name != "default" else Path(tmp)
-                (directory / name).mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=STAGING_PREFIX))
+        files = [f"{name}/{file}" for name in self.adapter_names for file in ADAPTER_FILES]
+        files += ["README.md", MANIFEST_NAME]
+        try:
+            self.peft_model.save_pretrained(staging, selected_adapters=self.adapter_names)
+            if "default" in self.adapter_names:  # PEFT writes the "default" adapter at the top level
+                (staging / "default").mkdir()
                 for file in ADAPTER_FILES:
-                    os.replace(folder / file, directory / name / file)
-            os.replace(Path(tmp) / "README.md", directory / "README.md")
-        atomic_write_json(directory / MANIFEST_NAME, self.manifest())
+                    os.replace(staging / file, staging / "default" / file)
+            save_model_card(
+                self.peft_model, staging, title="Multi-task MmAP adapters for CLIP", extra=self._card_extra()
+            )
+            atomic_write_json(staging / MANIFEST_NAME, self.manifest())
+            for file in files:
+                fsync_file(staging / file)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        atomic_write_json(directory / COMMIT_NAME, {"staging": staging.name})
+        for file in files:
+            atomic_write(directory / file, lambda tmp, src=staging / file: shutil.copyfile(src, tmp))
+        (directory / COMMIT_NAME).unlink()
+        for folder in directory.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        for file in [*files, COMMIT_NAME]:  # temporary files of saves killed mid-write
+            for tmp in (directory / file).parent.glob(f".{Path(file).name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
         return directory
 
     def _card_extra(self) -> str:
@@ -212,10 +243,14 @@ class MultiTaskMmAP(CLIPTaskClassifier):
     ) -> MultiTaskMmAP:
         """Rebuild a saved model: ``base_model`` (hub id, folder or ``CLIPModel``) plus a saved folder or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
-        manifest = validate_manifest(read_json(folder / MANIFEST_NAME, "MmAP manifest"), folder)
+        manifest = read_manifest(folder)
         if isinstance(base_model, CLIPModel):
             clip = base_model
             base_id = manifest["base_model"]
+        elif not isinstance(base_model, (str, os.PathLike)):
+            raise TypeError(
+                f"base_model: expected a CLIPModel, a hub id or a folder, got {type(base_model).__name__}."
+            )
         else:
             clip = CLIPModel.from_pretrained(base_model)
             base_id = str(base_model)
@@ -239,17 +274,10 @@ class MultiTaskMmAP(CLIPTaskClassifier):
     def load_adapter_weights(self, folder: str | os.PathLike) -> None:
         """Load every adapter's safetensors from ``folder``, checking all shapes before changing anything."""
         folder = Path(folder)
-        state = {}
-        for name in self.adapter_names:
-            path = folder / name / "adapter_model.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"Adapter {name!r} is missing: expected {path}.")
-            try:
-                state[name] = load_file(path)
-            except Exception as err:  # safetensors raises several error types for damaged files
-                raise ValueError(
-                    f"Adapter file {path} is corrupted or not a safetensors file: {err}"
-                ) from err
+        state = {
+            name: load_safetensors(folder / name / "adapter_model.safetensors", f"Adapter {name!r} weights")
+            for name in self.adapter_names
+        }
         expected = {k: v.shape for k, v in self.peft_model.state_dict().items() if "mmap_" in k}
         for name, tensors in state.items():
             for key, tensor in tensors.items():
@@ -264,6 +292,8 @@ class MultiTaskMmAP(CLIPTaskClassifier):
                         f"Adapter {name!r} weight {key!r} has shape {tuple(tensor.shape)}, but this base model "
                         f"expects {tuple(expected[model_key])} (different hidden sizes or prompt config?)."
                     )
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise ValueError(f"Adapter {name!r} holds NaN or inf weights; refusing to load it.")
             missing = sorted(
                 k for k in expected if k.endswith(f".{name}") and _checkpoint_key(k, name) not in tensors
             )
@@ -289,57 +319,107 @@ def _model_key(checkpoint_key: str, adapter_name: str) -> str:
 
 
 def resolve_adapter_folder(adapters: str | os.PathLike, **hub_kwargs) -> Path:
-    """A local folder with a manifest, or a hub repo id downloaded (JSON and safetensors only)."""
+    """The folder to read: a local saved folder (its staged set while a save is being committed), or a hub
+    repo id downloaded (JSON, safetensors and Markdown files only)."""
     path = Path(adapters)
     if path.is_dir():
-        if not (path / MANIFEST_NAME).is_file():
+        folder = _committed_staging(path) or path
+        if not (folder / MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {MANIFEST_NAME}: not a MultiTaskMmAP folder.")
-        return path
+        return folder
     if path.exists():
         raise ValueError(
             f"{path} is a file; expected a folder saved by MultiTaskMmAP.save_pretrained or a repo id."
         )
     from huggingface_hub import snapshot_download
 
-    local = snapshot_download(str(adapters), allow_patterns=["*.json", "*.safetensors", "*.md"], **hub_kwargs)
+    local = snapshot_download(str(adapters), allow_patterns=HUB_PATTERNS, **hub_kwargs)
     return resolve_adapter_folder(local)
 
 
-def validate_manifest(manifest: object, folder: Path) -> dict:
-    """Check the manifest's types and that every adapter it names is present; returns it."""
+def _committed_staging(directory: Path) -> Path | None:
+    """The staged folder named by an interrupted save's commit marker (see `MultiTaskMmAP.save_pretrained`)."""
+    marker = directory / COMMIT_NAME
+    if not marker.is_file():
+        return None
+    data = read_json(marker, "MmAP save commit marker", max_bytes=4096)
+    name = data.get("staging") if isinstance(data, dict) else None
+    if not (isinstance(name, str) and name.startswith(STAGING_PREFIX) and Path(name).name == name):
+        raise ValueError(f"{marker} is damaged: expected {{'staging': '{STAGING_PREFIX}...'}}, got {data!r}.")
+    if not (directory / name).is_dir():
+        raise FileNotFoundError(f"{marker} names {name!r}, which is missing from {directory}.")
+    return directory / name
 
-    def fail(msg: str) -> None:
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """Read and validate ``folder``'s manifest (at most `MAX_MANIFEST_BYTES`); see `validate_manifest`."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST_NAME, "MmAP manifest", max_bytes=MAX_MANIFEST_BYTES)
+    return validate_manifest(manifest, folder)
+
+
+def validate_manifest(manifest: object, folder: Path) -> dict:
+    """Check a manifest's types, sizes and consistency and that every adapter it names is present.
+
+    Returns it unchanged; raises ``ValueError`` (naming the file and the bad field) otherwise.
+    """
+
+    def fail(msg: str) -> NoReturn:
         raise ValueError(f"Invalid MmAP manifest {folder / MANIFEST_NAME}: {msg}")
 
     if not isinstance(manifest, dict):
         fail(f"expected a JSON object, got {type(manifest).__name__}.")
     if manifest.get("format") != MANIFEST_FORMAT:
         fail(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}.")
-    if manifest.get("version") != MANIFEST_VERSION:
-        fail(f"version is {manifest.get('version')!r}, expected {MANIFEST_VERSION}.")
+    version = manifest.get("version")
+    if version != MANIFEST_VERSION or isinstance(version, bool):
+        fail(f"version is {version!r}, expected {MANIFEST_VERSION}.")
+    if not isinstance(manifest.get("base_model"), (str, type(None))):
+        fail(f"'base_model' must be a string or null, got {manifest.get('base_model')!r}.")
     tasks = manifest.get("tasks")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
-        fail("'tasks' must be a non-empty list of objects.")
+    if not isinstance(tasks, list) or not tasks:
+        fail(f"'tasks' must be a non-empty list, got {tasks!r}.")
+    names = []
     for t in tasks:
-        if not isinstance(t.get("name"), str) or not isinstance(t.get("classnames"), list):
-            fail(f"task entry {t!r} needs 'name' (str) and 'classnames' (list).")
-        if not isinstance(t.get("template"), str):
-            fail(f"task {t.get('name')!r} needs a 'template' string.")
-        check_safe_name(t["name"], "task name")
+        if not isinstance(t, dict) or set(t) != {"name", "classnames", "template"}:
+            fail(f"task entry {t!r} must be an object with exactly 'name', 'classnames' and 'template'.")
+        if not isinstance(t["classnames"], list):
+            fail(f"task {t['name']!r}: 'classnames' must be a list, got {t['classnames']!r}.")
+        try:
+            names.append(TaskSpec(t["name"], t["classnames"], t["template"]).name)
+        except (TypeError, ValueError) as err:
+            fail(str(err))
+    if len(set(names)) != len(names):
+        fail(f"task names must be unique, got {names}.")
     groups = manifest.get("groups")
     if not isinstance(groups, list) or not all(
         isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups
     ):
-        fail("'groups' must be a list of lists of task names.")
-    if not isinstance(manifest.get("task_adapters"), bool):
-        fail("'task_adapters' must be true or false.")
-    if not isinstance(manifest.get("mmap_config"), dict):
-        fail("'mmap_config' must be an object.")
-    adapters = manifest.get("adapters")
-    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
-        fail("'adapters' must be a list of adapter names.")
-    for name in adapters:
-        check_safe_name(name, "adapter name")
+        fail(f"'groups' must be a list of lists of task names, got {groups!r}.")
+    try:
+        check_groups(groups or None, names)
+    except ValueError as err:
+        fail(str(err))
+    task_adapters = manifest.get("task_adapters")
+    if not isinstance(task_adapters, bool):
+        fail(f"'task_adapters' must be true or false, got {task_adapters!r}.")
+    config = manifest.get("mmap_config")
+    if not isinstance(config, dict) or not set(config) <= MANIFEST_CONFIG_FIELDS:
+        fail(
+            f"'mmap_config' must be an object with fields among {sorted(MANIFEST_CONFIG_FIELDS)}, got {config!r}."
+        )
+    try:
+        MmAPConfig(**config)
+    except (TypeError, ValueError) as err:
+        fail(f"'mmap_config' is not a valid MmAPConfig: {err}")
+    expected = [group_adapter_name(i) for i in range(len(groups))] + (names if task_adapters else [])
+    if not expected:
+        fail("no adapters: there are no groups and 'task_adapters' is false.")
+    if manifest.get("adapters") != expected:
+        fail(
+            f"'adapters' is {manifest.get('adapters')!r}, but tasks, groups and task_adapters imply {expected}."
+        )
+    for name in expected:
         missing = [f for f in ADAPTER_FILES if not (folder / name / f).is_file()]
         if missing:
             fail(f"adapter {name!r} is named but {', '.join(missing)} missing in {folder / name}.")

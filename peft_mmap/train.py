@@ -50,13 +50,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .classifier import CLIPTaskClassifier
-from .files import atomic_write, atomic_write_json, read_json
+from .files import atomic_write, atomic_write_json, load_safetensors, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -413,8 +413,8 @@ def _write_checkpoint(
     atomic_write(staging / "trainable.safetensors", lambda tmp: save_file(weights, str(tmp)))
     atomic_write(staging / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_json(staging / "trainer_state.json", payload)
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # keep .old while it is the only complete checkpoint left
+        shutil.rmtree(previous, ignore_errors=True)
         os.replace(final, previous)
     os.replace(staging, final)
     shutil.rmtree(previous, ignore_errors=True)
@@ -438,7 +438,8 @@ def _read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[
         raise ValueError(
             f"{folder}: checkpoint version {payload.get('version')!r}, expected {CHECKPOINT_VERSION}."
         )
-    return payload, load_file(folder / "trainable.safetensors"), load_file(folder / "state.safetensors")
+    trainable = load_safetensors(folder / "trainable.safetensors", "checkpoint weights")
+    return payload, trainable, load_safetensors(folder / "state.safetensors", "checkpoint state")
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from ..files import atomic_write, load_safetensors
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -16,11 +18,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trainable parameters of ``model`` to ``path`` (safetensors, contiguous CPU copies)."""
-    path = Path(path)
+    """Write the trainable parameters of ``model`` to ``path`` (safetensors, contiguous CPU copies).
+
+    The file is written under a temporary name and renamed, so an interrupted save keeps the previous file.
+    """
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in trainable_state(model).items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
@@ -29,7 +32,7 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
     The file must hold exactly the trainable parameters of ``model`` with the same shapes; every name and
     shape is checked before anything is copied, so a mismatch leaves ``model`` unchanged.
     """
-    tensors = load_file(str(path))
+    tensors = load_safetensors(path, "trainable-parameter file")
     expected = trainable_state(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
