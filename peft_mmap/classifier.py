@@ -15,11 +15,34 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from .files import check_safe_name
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class _RegistrationCounter:
+    """Counts every parameter and submodule registration in the process (torch's global registration hooks).
+
+    A classifier keeps its list of parameters while the count is unchanged, so checking its text-feature
+    cache costs a sum over that list instead of a walk over every submodule.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __call__(self, module: nn.Module, name: str, value: object) -> None:
+        self.value += 1
+
+
+_REGISTRATIONS = _RegistrationCounter()
+register_module_parameter_registration_hook(_REGISTRATIONS)
+register_module_module_registration_hook(_REGISTRATIONS)
 
 
 @dataclass
@@ -78,8 +101,9 @@ class CLIPTaskClassifier(nn.Module):
     ``forward(pixel_values, task)`` returns logits ``(B, C_task)`` for one task name, or ``(B, C_max)`` for a
     list of one task per sample (columns past a sample's own class count are ``-inf``). Class text features
     are computed once per task and cached while the model is in eval mode; the cache is keyed on the
-    in-place version counters of all parameters, so an optimizer step or a ``load_state_dict`` invalidates
-    it, and it is bypassed entirely in training mode.
+    in-place version counters of all parameters (the parameter list itself is kept until a parameter or
+    module is registered anywhere), so an optimizer step or a ``load_state_dict`` invalidates it, and it is
+    bypassed entirely in training mode.
 
     Args:
         clip: a transformers ``CLIPModel`` (possibly inside a PEFT model; see `clip_model`).
@@ -99,6 +123,7 @@ class CLIPTaskClassifier(nn.Module):
         self.tasks = as_task_specs(tasks)
         self._tokens: dict[str, dict[str, torch.Tensor]] = {}
         self._text_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._watched: tuple[int, list[nn.Parameter]] = (-1, [])
 
     # ---- hooks for subclasses -------------------------------------------------------------------
     @property
@@ -153,8 +178,12 @@ class CLIPTaskClassifier(nn.Module):
         return self.clip_model.logit_scale
 
     def _cache_key(self, task: str) -> tuple:
-        params = list(self.parameters())
-        return (task, len(params), sum(p._version for p in params), self._activation_key(task))
+        registrations, params = self._watched
+        if registrations != _REGISTRATIONS.value:
+            params = list(self.parameters())
+            self._watched = (_REGISTRATIONS.value, params)
+        versions = sum(p._version for p in params)
+        return (task, len(params), versions, self.logit_scale.device, self._activation_key(task))
 
     def _activation_key(self, task: str) -> object:
         """Anything besides parameter values that changes ``task``'s text features. Default: nothing."""
@@ -183,6 +212,12 @@ class CLIPTaskClassifier(nn.Module):
         """Logits ``(B, C_task)`` for one task, or ``(B, C_max)`` (``-inf`` padded) for one task per row."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
+        size = self.clip_model.config.vision_config.image_size
+        if tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must be {size}x{size} images for this CLIP (vision_config.image_size), got "
+                f"{pixel_values.shape[2]}x{pixel_values.shape[3]}; preprocess them with the model's image processor."
+            )
         scale = self.logit_scale.exp()
         if isinstance(task, str):
             spec = self.check_task(task)

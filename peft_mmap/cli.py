@@ -39,46 +39,27 @@ ADAPTERS_DIR = "adapters"
 
 
 # ---- argument types --------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number_type(cast: Callable[[str], float], valid: Callable[[float], bool], expected: str) -> Callable:
+    """An argparse ``type`` that parses with ``cast`` and accepts values where ``valid`` holds."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in "invalid <type> value" messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number strictly between 0 and 1, got {text!r}"
-        ) from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
-    return value
+positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number_type(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+fraction = _number_type(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+non_negative_float = _number_type(float, lambda v: 0 <= v < float("inf"), "a non-negative finite number")
 
 
 def task_list(text: str) -> list[str]:
@@ -162,10 +143,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"learning rate (default {d.lr}).")
     opt.add_argument(
-        "--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum})."
+        "--momentum",
+        type=non_negative_float,
+        default=d.momentum,
+        help=f"SGD momentum (default {d.momentum}).",
     )
     opt.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help=f"weight decay (default {d.weight_decay})."
+        "--weight-decay",
+        type=non_negative_float,
+        default=d.weight_decay,
+        help=f"weight decay (default {d.weight_decay}).",
     )
     opt.add_argument(
         "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"optimizer (default {d.optimizer})."
@@ -553,6 +540,18 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.output, args.quick, args.seeds, args.methods, args.model, args.data_dir, args.device)
 
 
+def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
+    from .perf import add_perf_arguments as add
+
+    add(parser)
+
+
+def run_perf(args: argparse.Namespace) -> None:
+    from .perf import run_perf as run
+
+    run(args)
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -597,6 +596,12 @@ SUBCOMMANDS: list[Subcommand] = [
         "count every method's trainable parameters for a CLIP architecture (no weights needed).",
         add_params_arguments,
         run_params,
+    ),
+    Subcommand(
+        "perf",
+        "measure training/inference cost of MmAP and its peers side by side (JSON + Markdown).",
+        add_perf_arguments,
+        run_perf,
     ),
 ]
 

@@ -26,6 +26,22 @@ Tower = Literal["text", "vision"]
 
 
 @dataclass
+class RouteSlot:
+    """One prompt slot of a mixed-task batch (`MmAPModel.adapter_routes`).
+
+    Attributes:
+        names: the distinct adapters that fill this slot, in order of first use.
+        index: ``(B,)`` long tensor, ``names[index[i]]`` is batch row ``i``'s adapter (moved to the
+            activations' device on first use and kept there).
+        length: the slot's prompt length (equal for every adapter in it).
+    """
+
+    names: list[str]
+    index: torch.Tensor
+    length: int
+
+
+@dataclass
 class MmAPSharedState:
     """State shared by an `MmAPModel` and all of its layers (not an ``nn.Module``: it is never saved).
 
@@ -33,14 +49,14 @@ class MmAPSharedState:
         source: the tuner's ``ParameterDict`` of source prompts, one ``(depth, m, n)`` tensor per adapter.
         prompt_lengths: ``b`` per adapter.
         depths: number of prompted layers per adapter.
-        routes: when set, per-sample adapter lists (one list per batch row, all of the same slot layout)
-            that replace the active adapters for the vision tower (mixed-task batches).
+        routes: when set, the prompt slots of a mixed-task batch (per-sample adapters, see `RouteSlot`)
+            that replace the active adapters for the vision tower.
     """
 
     source: nn.ParameterDict
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     depths: dict[str, int] = field(default_factory=dict)
-    routes: list[list[str]] | None = None
+    routes: list[RouteSlot] | None = None
 
 
 def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -195,39 +211,43 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Nothing is ever merged."""
 
-    def _slots(self, batch_size: int) -> list[tuple[list[str], int]]:
-        """The prompt slots of this forward: ``(adapter per batch row or one shared name, length)`` in order."""
-        routes = self._shared.routes if self.tower == "vision" else None
-        if routes is None:
-            return [([name], self._shared.prompt_lengths[name]) for name in self.active_adapters]
-        if len(routes) != batch_size:
-            raise ValueError(f"Adapter routes name {len(routes)} samples but the batch has {batch_size}.")
-        return [
-            ([route[slot] for route in routes], self._shared.prompt_lengths[routes[0][slot]])
-            for slot in range(len(routes[0]))
-        ]
-
     def _slot_prompts(self, names: list[str], like: torch.Tensor) -> torch.Tensor | None:
-        """New prompts for one slot: ``(1, b, d)`` (one adapter) or ``(B, b, d)`` (routed), or ``None``."""
-        unique = list(dict.fromkeys(names))
-        if unique[0] not in self.mmap_scale:
+        """New prompts ``(U, b, d)`` of one slot's adapters ``names``, or ``None`` past their depth."""
+        if names[0] not in self.mmap_scale:
             return None  # past this adapter's depth: its slot flows through
-        prompts = torch.stack([self.layer_prompt(name) for name in unique]).to(like.dtype)  # (U, b, d)
-        if len(unique) == 1:
-            return prompts[:1]
-        index = torch.tensor([unique.index(name) for name in names], device=prompts.device)
-        return prompts[index]
+        if len(names) == 1:
+            return self.layer_prompt(names[0]).to(like.dtype)[None]
+        return torch.stack([self.layer_prompt(name) for name in names]).to(like.dtype)
+
+    def _routed_slots(self, routes: list[RouteSlot], like: torch.Tensor) -> list[PromptSlot]:
+        """Slots of a mixed-task batch: ``(B, b, d)`` prompts picked per row (or ``None``), and lengths."""
+        if routes[0].index.shape[0] != like.shape[0]:
+            raise ValueError(
+                f"Adapter routes name {routes[0].index.shape[0]} samples but the batch has {like.shape[0]}."
+            )
+        slots = []
+        for route in routes:
+            prompts = self._slot_prompts(route.names, like)
+            if prompts is not None and len(route.names) > 1:
+                if route.index.device != prompts.device:
+                    route.index = route.index.to(prompts.device)
+                prompts = prompts[route.index]
+            slots.append((prompts, route.length))
+        return slots
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
         """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout."""
-        if self.disable_adapters or (not self.active_adapters and self._shared.routes is None):
+        routes = self._shared.routes if self.tower == "vision" else None
+        if self.disable_adapters:
             slots = []
+        elif routes is not None:
+            slots = self._routed_slots(routes, hidden_states)
         else:
+            lengths = self._shared.prompt_lengths
             slots = [
-                (self._slot_prompts(names, hidden_states), length)
-                for names, length in self._slots(hidden_states.shape[0])
+                (self._slot_prompts([name], hidden_states), lengths[name]) for name in self.active_adapters
             ]
         return forward_with_prompt_slots(
             self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs

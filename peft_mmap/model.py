@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPVisionModel
 
 from .config import CLIP_ENCODER_LAYERS, MmAPConfig
 from .files import check_safe_name
-from .layer import MmAPLayer, MmAPSharedState, Tower
+from .layer import MmAPLayer, MmAPSharedState, RouteSlot, Tower
 
 _RESERVED_NAMES = {"base_layer", "model", "mmap_source", "mmap_scale", "base_model"}
 
@@ -237,8 +237,14 @@ class MmAPModel(BaseTuner):
                     raise ValueError(
                         f"Adapters {first!r} and {name!r} share slot {slot} but differ in prompt length or depth."
                     )
+        slots = []
+        for slot, first in enumerate(routes[0]):
+            names = list(dict.fromkeys(route[slot] for route in routes))
+            position = {name: i for i, name in enumerate(names)}
+            index = torch.tensor([position[route[slot]] for route in routes])
+            slots.append(RouteSlot(names, index, lengths[first]))
         previous = self._mmap_shared.routes
-        self._mmap_shared.routes = routes
+        self._mmap_shared.routes = slots
         try:
             yield
         finally:
@@ -266,7 +272,9 @@ class MmAPModel(BaseTuner):
         problems = [f"unexpected weight {k} {s}" for k, s in found.items() if k not in expected]
         problems += [f"missing weight {k} {s}" for k, s in expected.items() if k not in found]
         problems += [
-            f"{k}: checkpoint {found[k]} vs model {s}" for k, s in expected.items() if k in found and found[k] != s
+            f"{k}: checkpoint {found[k]} vs model {s}"
+            for k, s in expected.items()
+            if k in found and found[k] != s
         ]
         if problems:
             tuner = getattr(model, "base_model", model)

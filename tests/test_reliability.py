@@ -494,8 +494,8 @@ def test_task_adapters_only_round_trip(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--momentum", "nan"], "TrainConfig.momentum must be a non-negative finite number, got nan"),
-        (["--weight-decay", "-1"], "TrainConfig.weight_decay must be a non-negative finite number, got -1.0"),
+        (["--momentum", "nan"], "argument --momentum: expected a non-negative finite number, got 'nan'"),
+        (["--weight-decay", "-1"], "argument --weight-decay: expected a non-negative finite number, got '-1'"),
         (["--lr", "inf"], "argument --lr: expected a positive finite number, got 'inf'"),
         (["--tasks", "../x"], "Invalid task name '../x'"),
     ],
