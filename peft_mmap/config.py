@@ -13,7 +13,7 @@ from .registration import MMAP_PEFT_TYPE
 #: single-tower models (``[text_model.|vision_model.]encoder.layers.N``).
 CLIP_ENCODER_LAYERS = r"(.*\.)?encoder\.layers\.\d+"
 
-SCALE_INITS = ("ones", "normal")
+SCALE_INITS = ("ones", "normal", "zeros")
 
 
 def _check_positive_int(value: object, name: str) -> None:
@@ -51,11 +51,12 @@ class MmAPConfig(PeftConfig):
     init_std: float = field(
         default=0.02, metadata={"help": "Std of the Gaussian init of the source prompts."}
     )
-    scale_init: Literal["ones", "normal"] = field(
-        default="ones",
+    scale_init: Literal["zeros", "ones", "normal"] = field(
+        default="zeros",
         metadata={
-            "help": "Init of the scaling matrices: 'ones' (each prompt starts as tiled copies of P_s, so text and "
-            "vision prompts start aligned) or 'normal' (N(0, 1) entries)."
+            "help": "Init of the scaling matrices: 'zeros' (prompts start as zero tokens, the smallest change to "
+            "the pretrained model, as LoRA zero-initialises B), 'ones' (each prompt starts as tiled copies of "
+            "P_s, text and vision prompts aligned) or 'normal' (N(0, 1) entries)."
         },
     )
     target_modules: str | list[str] | None = field(

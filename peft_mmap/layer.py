@@ -191,6 +191,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         scale = torch.empty(config.prompt_length // m, self.hidden_size // n)
         if config.scale_init == "ones":
             nn.init.ones_(scale)
+        elif config.scale_init == "zeros":
+            nn.init.zeros_(scale)
         else:
             nn.init.normal_(scale)
         weight = next(self.base_layer.parameters())
