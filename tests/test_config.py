@@ -20,7 +20,7 @@ from peft_mmap import MmAPConfig
         ({"source_shape": (2, -8)}, r"source_shape\[1\] \(n\) must be a positive int, got -8"),
         ({"depth": 0}, "depth must be a positive int, got 0"),
         ({"init_std": -1.0}, "init_std must be a positive float, got -1.0"),
-        ({"scale_init": "zeros"}, "scale_init must be one of"),
+        ({"scale_init": "uniform"}, "scale_init must be one of"),
         ({"prompt_length": 4.0}, "prompt_length must be a positive int, got 4.0"),
     ],
 )

@@ -53,6 +53,7 @@ def test_gradients_reach_active_adapters_only(clip, batch):
     model = get_peft_model(clip, CFG, adapter_name="group0")
     model.add_adapter("art", CFG)
     model.add_adapter("clipart", CFG)
+    _randomise(model)  # zero-initialised scales would give the source prompts no gradient at step 0
     model.base_model.set_adapter(["group0", "art"])
     model(**batch).logits_per_image.sum().backward()
     for name, p in model.named_parameters():
@@ -65,6 +66,7 @@ def test_inactive_adapters_are_untouched_by_training(clip, batch):
     model = get_peft_model(clip, CFG, adapter_name="group0")
     model.add_adapter("art", CFG)
     model.add_adapter("clipart", CFG)
+    _randomise(model)
     model.base_model.set_adapter(["group0", "art"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

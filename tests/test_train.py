@@ -158,12 +158,13 @@ def test_in_process_signal_stops_after_the_step(tokenizer, tmp_path):
         if event.global_step == 1:
             signal.raise_signal(signal.SIGINT)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background runner may start with SIG_IGN
     with pytest.raises(KeyboardInterrupt, match="global step 1"):
         train(
             make_model(tokenizer), make_datasets(), RESUME_CONFIG, tmp_path, progress=False, callback=callback
         )
     assert '"step_in_epoch": 1' in (tmp_path / "checkpoint" / "trainer_state.json").read_text()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
 
 
 class Poisonable(Dataset):
