@@ -39,8 +39,9 @@ _BENCHMARK_FILE = "benchmark.json"
 _FORMAT_VERSION = 1
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float | None = None, a0: float = 0.0, a1: float = 360.0,
-             n: int = 28) -> np.ndarray:
+def _ellipse(
+    cx: float, cy: float, rx: float, ry: float | None = None, a0: float = 0.0, a1: float = 360.0, n: int = 28
+) -> np.ndarray:
     """(n, 2) points on an ellipse arc from angle ``a0`` to ``a1`` (degrees)."""
     t = np.deg2rad(np.linspace(a0, a1, n, endpoint=(a1 - a0) < 360.0))
     return np.stack([cx + rx * np.cos(t), cy + (rx if ry is None else ry) * np.sin(t)], axis=1)
@@ -88,7 +89,11 @@ def _tree() -> list[_Part]:
 
 def _mushroom() -> list[_Part]:
     spots = [("hole", _ellipse(x, y, 0.1, n=12)) for x, y in ((-0.4, -0.25), (0.05, -0.5), (0.45, -0.2))]
-    return [("fill", _ellipse(0, 0.0, 0.88, 0.75, 180, 360)), ("fill", _rect(-0.22, -0.02, 0.22, 0.85)), *spots]
+    return [
+        ("fill", _ellipse(0, 0.0, 0.88, 0.75, 180, 360)),
+        ("fill", _rect(-0.22, -0.02, 0.22, 0.85)),
+        *spots,
+    ]
 
 
 # Each entry: (parts, maximum rotation in degrees, whether a horizontal flip is allowed).
@@ -98,56 +103,202 @@ _SHAPES: dict[str, tuple[Callable[[], list[_Part]], float, bool]] = {
     "triangle": (lambda: [("fill", _poly(0, -0.85, 0.85, 0.7, -0.85, 0.7))], 30, False),
     "star": (_star, 180, False),
     "heart": (_heart, 30, False),
-    "cross": (lambda: [("fill", _poly(-0.24, -0.85, 0.24, -0.85, 0.24, -0.24, 0.85, -0.24, 0.85, 0.24, 0.24, 0.24,
-                                     0.24, 0.85, -0.24, 0.85, -0.24, 0.24, -0.85, 0.24, -0.85, -0.24, -0.24,
-                                     -0.24))], 180, False),
-    "arrow": (lambda: [("fill", _poly(-0.85, -0.15, 0.2, -0.15, 0.2, -0.48, 0.88, 0, 0.2, 0.48, 0.2, 0.15,
-                                     -0.85, 0.15))], 180, True),
+    "cross": (
+        lambda: [
+            (
+                "fill",
+                _poly(
+                    -0.24,
+                    -0.85,
+                    0.24,
+                    -0.85,
+                    0.24,
+                    -0.24,
+                    0.85,
+                    -0.24,
+                    0.85,
+                    0.24,
+                    0.24,
+                    0.24,
+                    0.24,
+                    0.85,
+                    -0.24,
+                    0.85,
+                    -0.24,
+                    0.24,
+                    -0.85,
+                    0.24,
+                    -0.85,
+                    -0.24,
+                    -0.24,
+                    -0.24,
+                ),
+            )
+        ],
+        180,
+        False,
+    ),
+    "arrow": (
+        lambda: [
+            ("fill", _poly(-0.85, -0.15, 0.2, -0.15, 0.2, -0.48, 0.88, 0, 0.2, 0.48, 0.2, 0.15, -0.85, 0.15))
+        ],
+        180,
+        True,
+    ),
     "ring": (lambda: [("fill", _ellipse(0, 0, 0.85)), ("hole", _ellipse(0, 0, 0.5))], 180, False),
     "crescent": (lambda: [("fill", _ellipse(0, 0, 0.82)), ("hole", _ellipse(0.38, -0.12, 0.7))], 180, True),
-    "house": (lambda: [("fill", _rect(-0.6, -0.08, 0.6, 0.85)), ("fill", _poly(-0.82, -0.05, 0, -0.85, 0.82, -0.05)),
-                       ("hole", _rect(-0.15, 0.35, 0.15, 0.85)), ("hole", _rect(0.27, 0.1, 0.48, 0.3))], 20, True),
+    "house": (
+        lambda: [
+            ("fill", _rect(-0.6, -0.08, 0.6, 0.85)),
+            ("fill", _poly(-0.82, -0.05, 0, -0.85, 0.82, -0.05)),
+            ("hole", _rect(-0.15, 0.35, 0.15, 0.85)),
+            ("hole", _rect(0.27, 0.1, 0.48, 0.3)),
+        ],
+        20,
+        True,
+    ),
     "tree": (_tree, 15, False),
-    "fish": (lambda: [("fill", _ellipse(-0.15, 0, 0.62, 0.36)), ("fill", _poly(0.33, 0, 0.88, -0.45, 0.88, 0.45)),
-                      ("hole", _ellipse(-0.52, -0.08, 0.08, n=12))], 35, True),
-    "cup": (lambda: [("fill", _poly(-0.6, -0.65, 0.4, -0.65, 0.3, 0.72, -0.5, 0.72)),
-                     ("fill", _ellipse(0.55, -0.02, 0.33)), ("hole", _ellipse(0.6, -0.02, 0.16, n=16))], 25, True),
-    "key": (lambda: [("fill", _ellipse(-0.52, 0, 0.36)), ("hole", _ellipse(-0.52, 0, 0.17, n=16)),
-                     ("fill", _rect(-0.2, -0.09, 0.88, 0.09)), ("fill", _rect(0.52, 0.05, 0.64, 0.36)),
-                     ("fill", _rect(0.73, 0.05, 0.85, 0.28))], 180, True),
-    "umbrella": (lambda: [("fill", _ellipse(0, 0.02, 0.9, 0.7, 180, 360)),
-                          ("line", _poly(0, 0, 0, 0.72)),
-                          ("line", _ellipse(-0.14, 0.72, 0.14, 0.14, 0, 180, n=10))], 25, True),
-    "bell": (lambda: [("fill", _poly(-0.16, -0.88, 0.16, -0.88, 0.42, -0.6, 0.48, 0.05, 0.85, 0.55, -0.85, 0.55,
-                                     -0.48, 0.05, -0.42, -0.6)), ("fill", _ellipse(0, 0.72, 0.15, n=12))], 25, False),
+    "fish": (
+        lambda: [
+            ("fill", _ellipse(-0.15, 0, 0.62, 0.36)),
+            ("fill", _poly(0.33, 0, 0.88, -0.45, 0.88, 0.45)),
+            ("hole", _ellipse(-0.52, -0.08, 0.08, n=12)),
+        ],
+        35,
+        True,
+    ),
+    "cup": (
+        lambda: [
+            ("fill", _poly(-0.6, -0.65, 0.4, -0.65, 0.3, 0.72, -0.5, 0.72)),
+            ("fill", _ellipse(0.55, -0.02, 0.33)),
+            ("hole", _ellipse(0.6, -0.02, 0.16, n=16)),
+        ],
+        25,
+        True,
+    ),
+    "key": (
+        lambda: [
+            ("fill", _ellipse(-0.52, 0, 0.36)),
+            ("hole", _ellipse(-0.52, 0, 0.17, n=16)),
+            ("fill", _rect(-0.2, -0.09, 0.88, 0.09)),
+            ("fill", _rect(0.52, 0.05, 0.64, 0.36)),
+            ("fill", _rect(0.73, 0.05, 0.85, 0.28)),
+        ],
+        180,
+        True,
+    ),
+    "umbrella": (
+        lambda: [
+            ("fill", _ellipse(0, 0.02, 0.9, 0.7, 180, 360)),
+            ("line", _poly(0, 0, 0, 0.72)),
+            ("line", _ellipse(-0.14, 0.72, 0.14, 0.14, 0, 180, n=10)),
+        ],
+        25,
+        True,
+    ),
+    "bell": (
+        lambda: [
+            (
+                "fill",
+                _poly(
+                    -0.16,
+                    -0.88,
+                    0.16,
+                    -0.88,
+                    0.42,
+                    -0.6,
+                    0.48,
+                    0.05,
+                    0.85,
+                    0.55,
+                    -0.85,
+                    0.55,
+                    -0.48,
+                    0.05,
+                    -0.42,
+                    -0.6,
+                ),
+            ),
+            ("fill", _ellipse(0, 0.72, 0.15, n=12)),
+        ],
+        25,
+        False,
+    ),
     "flower": (_flower, 180, False),
-    "lightning": (lambda: [("fill", _poly(0.1, -0.92, 0.55, -0.92, 0.15, -0.15, 0.5, -0.15, -0.35, 0.92,
-                                          -0.05, 0.08, -0.42, 0.08))], 25, True),
-    "car": (lambda: [("fill", _rect(-0.88, -0.08, 0.88, 0.42)),
-                     ("fill", _poly(-0.5, -0.06, -0.28, -0.5, 0.35, -0.5, 0.6, -0.06)),
-                     ("hole", _poly(-0.36, -0.12, -0.22, -0.4, 0.02, -0.4, 0.02, -0.12)),
-                     ("hole", _poly(0.1, -0.12, 0.1, -0.4, 0.3, -0.4, 0.46, -0.12)),
-                     ("fill", _ellipse(-0.5, 0.45, 0.24, n=16)), ("fill", _ellipse(0.5, 0.45, 0.24, n=16))], 15, True),
-    "boat": (lambda: [("fill", _poly(-0.88, 0.35, 0.88, 0.35, 0.55, 0.75, -0.55, 0.75)),
-                      ("line", _poly(0, 0.35, 0, -0.88)), ("fill", _poly(0.06, -0.82, 0.06, 0.22, 0.68, 0.22)),
-                      ("fill", _poly(-0.06, -0.6, -0.06, 0.22, -0.5, 0.22))], 20, True),
-    "kite": (lambda: [("fill", _poly(0, -0.88, 0.48, -0.25, 0, 0.42, -0.48, -0.25)),
-                      ("cut", _poly(0, -0.88, 0, 0.42)), ("cut", _poly(-0.48, -0.25, 0.48, -0.25)),
-                      ("line", _poly(0, 0.42, 0.12, 0.58, -0.05, 0.74, 0.14, 0.9))], 30, True),
-    "diamond": (lambda: [("fill", _poly(-0.85, -0.3, -0.48, -0.72, 0.48, -0.72, 0.85, -0.3, 0, 0.85)),
-                         ("cut", _poly(-0.85, -0.3, 0.85, -0.3)), ("cut", _poly(-0.25, -0.3, 0, 0.85)),
-                         ("cut", _poly(0.25, -0.3, 0, 0.85))], 20, False),
-    "hourglass": (lambda: [("fill", _poly(-0.55, -0.75, 0.55, -0.75, 0.07, 0, 0.55, 0.75, -0.55, 0.75, -0.07, 0)),
-                           ("fill", _rect(-0.72, -0.92, 0.72, -0.75)), ("fill", _rect(-0.72, 0.75, 0.72, 0.92))],
-                  30, False),
+    "lightning": (
+        lambda: [
+            (
+                "fill",
+                _poly(
+                    0.1, -0.92, 0.55, -0.92, 0.15, -0.15, 0.5, -0.15, -0.35, 0.92, -0.05, 0.08, -0.42, 0.08
+                ),
+            )
+        ],
+        25,
+        True,
+    ),
+    "car": (
+        lambda: [
+            ("fill", _rect(-0.88, -0.08, 0.88, 0.42)),
+            ("fill", _poly(-0.5, -0.06, -0.28, -0.5, 0.35, -0.5, 0.6, -0.06)),
+            ("hole", _poly(-0.36, -0.12, -0.22, -0.4, 0.02, -0.4, 0.02, -0.12)),
+            ("hole", _poly(0.1, -0.12, 0.1, -0.4, 0.3, -0.4, 0.46, -0.12)),
+            ("fill", _ellipse(-0.5, 0.45, 0.24, n=16)),
+            ("fill", _ellipse(0.5, 0.45, 0.24, n=16)),
+        ],
+        15,
+        True,
+    ),
+    "boat": (
+        lambda: [
+            ("fill", _poly(-0.88, 0.35, 0.88, 0.35, 0.55, 0.75, -0.55, 0.75)),
+            ("line", _poly(0, 0.35, 0, -0.88)),
+            ("fill", _poly(0.06, -0.82, 0.06, 0.22, 0.68, 0.22)),
+            ("fill", _poly(-0.06, -0.6, -0.06, 0.22, -0.5, 0.22)),
+        ],
+        20,
+        True,
+    ),
+    "kite": (
+        lambda: [
+            ("fill", _poly(0, -0.88, 0.48, -0.25, 0, 0.42, -0.48, -0.25)),
+            ("cut", _poly(0, -0.88, 0, 0.42)),
+            ("cut", _poly(-0.48, -0.25, 0.48, -0.25)),
+            ("line", _poly(0, 0.42, 0.12, 0.58, -0.05, 0.74, 0.14, 0.9)),
+        ],
+        30,
+        True,
+    ),
+    "diamond": (
+        lambda: [
+            ("fill", _poly(-0.85, -0.3, -0.48, -0.72, 0.48, -0.72, 0.85, -0.3, 0, 0.85)),
+            ("cut", _poly(-0.85, -0.3, 0.85, -0.3)),
+            ("cut", _poly(-0.25, -0.3, 0, 0.85)),
+            ("cut", _poly(0.25, -0.3, 0, 0.85)),
+        ],
+        20,
+        False,
+    ),
+    "hourglass": (
+        lambda: [
+            ("fill", _poly(-0.55, -0.75, 0.55, -0.75, 0.07, 0, 0.55, 0.75, -0.55, 0.75, -0.07, 0)),
+            ("fill", _rect(-0.72, -0.92, 0.72, -0.75)),
+            ("fill", _rect(-0.72, 0.75, 0.72, 0.92)),
+        ],
+        30,
+        False,
+    ),
     "mushroom": (_mushroom, 20, True),
 }
 
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(_SHAPES)
 
 
-def _random_colour(rng: np.random.Generator, saturation: tuple[float, float] = (0.55, 1.0),
-                   value: tuple[float, float] = (0.45, 1.0)) -> np.ndarray:
+def _random_colour(
+    rng: np.random.Generator,
+    saturation: tuple[float, float] = (0.55, 1.0),
+    value: tuple[float, float] = (0.45, 1.0),
+) -> np.ndarray:
     """A random RGB colour in [0, 1], shape (3,), drawn in HSV space."""
     h, s, v = rng.random(), rng.uniform(*saturation), rng.uniform(*value)
     k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
@@ -196,14 +347,23 @@ def _to_image(arr: np.ndarray) -> Image.Image:
 def _smooth_noise(rng: np.random.Generator, canvas: int, cells: int, channels: int = 1) -> np.ndarray:
     """Low-frequency noise in [0, 1], shape (canvas, canvas, channels), bicubically upsampled."""
     grid = rng.random((cells, cells, channels))
-    layers = [np.asarray(Image.fromarray(grid[..., c].astype(np.float32), "F").resize((canvas, canvas),
-                                                                                       Image.BICUBIC))
-              for c in range(channels)]
+    layers = [
+        np.asarray(
+            Image.fromarray(grid[..., c].astype(np.float32), "F").resize((canvas, canvas), Image.BICUBIC)
+        )
+        for c in range(channels)
+    ]
     return np.clip(np.stack(layers, axis=-1), 0.0, 1.0)
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, canvas: int, colour: Callable[[], tuple],
-                  count: int, width: int) -> None:
+def _draw_clutter(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    canvas: int,
+    colour: Callable[[], tuple],
+    count: int,
+    width: int,
+) -> None:
     """Draw ``count`` small distractor blobs and lines."""
     for _ in range(count):
         x, y = rng.uniform(0, canvas, size=2)
@@ -222,7 +382,9 @@ def _render_photo(parts: list[_Part], rng: np.random.Generator, canvas: int, lin
     ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
     c0, c1 = _random_colour(rng, (0.1, 0.5), (0.35, 0.9)), _random_colour(rng, (0.1, 0.5), (0.35, 0.9))
     background = c0 * (1 - ramp) + c1 * ramp
-    background = background * (0.8 + 0.4 * _smooth_noise(rng, canvas, 6)) + rng.normal(0, 0.03, (canvas, canvas, 3))
+    background = background * (0.8 + 0.4 * _smooth_noise(rng, canvas, 6)) + rng.normal(
+        0, 0.03, (canvas, canvas, 3)
+    )
     clutter = Image.new("RGB", (canvas, canvas))
 
     def clutter_colour() -> tuple[int, ...]:
@@ -233,17 +395,25 @@ def _render_photo(parts: list[_Part], rng: np.random.Generator, canvas: int, lin
     background = background * (1 - clutter_alpha) + np.asarray(clutter) / 255.0 * clutter_alpha
     mask = _object_mask(parts, canvas, line_width)
     offset = (rng.uniform(-1, 1, size=2) * canvas * 0.04).astype(int)
-    shadow = np.roll(np.asarray(mask.filter(ImageFilter.GaussianBlur(canvas * 0.03))) / 255.0, offset, axis=(0, 1))
+    shadow = np.roll(
+        np.asarray(mask.filter(ImageFilter.GaussianBlur(canvas * 0.03))) / 255.0, offset, axis=(0, 1)
+    )
     background = background * (1 - 0.45 * shadow[..., None])
     light = rng.uniform(0, 2 * np.pi)
-    shade = 0.65 + 0.6 * (0.5 + 0.5 * (np.cos(light) * (xx - 0.5) + np.sin(light) * (yy - 0.5)) * 2)[..., None]
+    shade = (
+        0.65 + 0.6 * (0.5 + 0.5 * (np.cos(light) * (xx - 0.5) + np.sin(light) * (yy - 0.5)) * 2)[..., None]
+    )
     obj = _random_colour(rng) * shade * (0.92 + 0.16 * _smooth_noise(rng, canvas, 10))
     alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.8)))[..., None] / 255.0
     return _to_image(background * (1 - alpha) + obj * alpha)
 
 
-def _render_clipart(parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int) -> Image.Image:
-    background = (1.0, 1.0, 1.0) if rng.random() < 0.5 else 0.85 + 0.15 * _random_colour(rng, (0.2, 0.5), (1, 1))
+def _render_clipart(
+    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int
+) -> Image.Image:
+    background = (
+        (1.0, 1.0, 1.0) if rng.random() < 0.5 else 0.85 + 0.15 * _random_colour(rng, (0.2, 0.5), (1, 1))
+    )
     image = Image.new("RGB", (canvas, canvas), tuple(int(v * 255) for v in background))
     draw = ImageDraw.Draw(image)
 
@@ -269,8 +439,11 @@ def _render_sketch(parts: list[_Part], rng: np.random.Generator, canvas: int, li
         for _ in range(int(rng.integers(1, 3))):
             jittered = pts + rng.normal(0.0, canvas * 0.008, size=pts.shape)
             path = [*jittered, jittered[0]] if closed else list(jittered)
-            draw.line([tuple(p) for p in path], fill=ink + int(rng.integers(0, 60)),
-                      width=max(1, line_width // 2 + int(rng.integers(0, 2))))
+            draw.line(
+                [tuple(p) for p in path],
+                fill=ink + int(rng.integers(0, 60)),
+                width=max(1, line_width // 2 + int(rng.integers(0, 2))),
+            )
     for _ in range(int(rng.integers(0, 4))):
         x, y = rng.uniform(0, canvas, size=2)
         dx, dy = rng.normal(0.0, canvas * 0.1, size=2)
@@ -278,10 +451,13 @@ def _render_sketch(parts: list[_Part], rng: np.random.Generator, canvas: int, li
     return image.convert("RGB")
 
 
-def _render_painting(parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int) -> Image.Image:
+def _render_painting(
+    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int
+) -> Image.Image:
     base = _random_colour(rng, (0.15, 0.5), (0.5, 0.95))
-    background = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8)[None, None].repeat(canvas, 0)
-                                 .repeat(canvas, 1), "RGB")
+    background = Image.fromarray(
+        (np.clip(base, 0, 1) * 255).astype(np.uint8)[None, None].repeat(canvas, 0).repeat(canvas, 1), "RGB"
+    )
     obj_colour = _random_colour(rng, (0.5, 0.9), (0.4, 0.95))
     foreground = Image.new("RGB", (canvas, canvas), tuple(int(v * 255) for v in obj_colour))
     for layer, colour in ((background, base), (foreground, obj_colour)):
@@ -291,8 +467,11 @@ def _render_painting(parts: list[_Part], rng: np.random.Generator, canvas: int, 
             angle = rng.uniform(0, np.pi)
             length = canvas * rng.uniform(0.05, 0.2)
             tint = np.clip(colour + rng.normal(0.0, 0.12, size=3), 0, 1)
-            draw.line([(x, y), (x + length * np.cos(angle), y + length * np.sin(angle))],
-                      fill=tuple(int(v * 255) for v in tint), width=int(rng.integers(2, 2 * line_width + 2)))
+            draw.line(
+                [(x, y), (x + length * np.cos(angle), y + length * np.sin(angle))],
+                fill=tuple(int(v * 255) for v in tint),
+                width=int(rng.integers(2, 2 * line_width + 2)),
+            )
     mask = _object_mask(parts, canvas, line_width).filter(ImageFilter.GaussianBlur(canvas * 0.015))
     image = Image.composite(foreground, background, mask)
     noisy = np.asarray(image) / 255.0 + rng.normal(0.0, 0.05, size=(canvas, canvas, 3))
@@ -350,11 +529,19 @@ def _check_subset(values: Sequence[str] | None, allowed: tuple[str, ...], what: 
 
 def _image_seed(seed: int, domain: str, class_name: str, index: int) -> np.random.SeedSequence:
     """Per-image seed, so each image is independent of which other classes/domains are generated."""
-    return np.random.SeedSequence([seed, SYNTHETIC_DOMAINS.index(domain), SYNTHETIC_CLASSES.index(class_name), index])
+    return np.random.SeedSequence(
+        [seed, SYNTHETIC_DOMAINS.index(domain), SYNTHETIC_CLASSES.index(class_name), index]
+    )
 
 
-def generate_benchmark(root: str | os.PathLike, images_per_class: int = 40, seed: int = 0, size: int = 64,
-                       classes: Sequence[str] | None = None, domains: Sequence[str] | None = None) -> Path:
+def generate_benchmark(
+    root: str | os.PathLike,
+    images_per_class: int = 40,
+    seed: int = 0,
+    size: int = 64,
+    classes: Sequence[str] | None = None,
+    domains: Sequence[str] | None = None,
+) -> Path:
     """Write the benchmark as ``<root>/<Domain>/<class_name>/<i>.png`` and return ``Path(root)``.
 
     The image tree is written into a temporary folder next to ``root`` and renamed into place; then
@@ -390,7 +577,9 @@ def generate_benchmark(root: str | os.PathLike, images_per_class: int = 40, seed
     try:
         for domain in chosen_domains:
             for class_name in chosen_classes:
-                folder = staging / check_safe_name(domain, "domain") / check_safe_name(class_name, "class name")
+                folder = (
+                    staging / check_safe_name(domain, "domain") / check_safe_name(class_name, "class name")
+                )
                 folder.mkdir(parents=True)
                 for i in range(images_per_class):
                     rng = np.random.default_rng(_image_seed(seed, domain, class_name, i))

@@ -37,19 +37,41 @@ TINY_CLIP_PATH: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip"
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TEXT_LEN = 32
+_TOKENIZER_CAPTIONS = 16000
 _IMAGE_SIZE = 48
 _RENDER_SIZE = 64  # the synthetic benchmark's image size; the processor resizes to _IMAGE_SIZE
 # Share of each domain in the pretraining corpus (Photo, Clipart, Sketch, Painting).
 _DOMAIN_WEIGHTS = {"Photo": 0.45, "Clipart": 0.35, "Sketch": 0.08, "Painting": 0.12}
 _DOMAIN_TEMPLATES = {
-    "Photo": ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.", "a blurry photo of a {}.",
-              "a bright photo of the {}."),
+    "Photo": (
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a close-up photo of a {}.",
+        "a blurry photo of a {}.",
+        "a bright photo of the {}.",
+    ),
     "Clipart": ("a {} in clipart style", "clipart of a {}.", "a cartoon {}.", "an icon of a {}."),
-    "Sketch": ("a sketch of a {}.", "a drawing of the {}.", "a pencil sketch of a {}.", "a line drawing of a {}."),
-    "Painting": ("a painting of a {}.", "an oil painting of the {}.", "a painting of a {} on canvas", "art of a {}."),
+    "Sketch": (
+        "a sketch of a {}.",
+        "a drawing of the {}.",
+        "a pencil sketch of a {}.",
+        "a line drawing of a {}.",
+    ),
+    "Painting": (
+        "a painting of a {}.",
+        "an oil painting of the {}.",
+        "a painting of a {} on canvas",
+        "art of a {}.",
+    ),
 }
-_GENERIC_TEMPLATES = ("a picture of a {}.", "a {}.", "a picture of a small red {}", "a big {}.", "the {} in the middle",
-                      "an image of a {}.")
+_GENERIC_TEMPLATES = (
+    "a picture of a {}.",
+    "a {}.",
+    "a picture of a small red {}",
+    "a big {}.",
+    "the {} in the middle",
+    "an image of a {}.",
+)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 
@@ -70,8 +92,11 @@ def _caption_corpus(seed: int, count: int) -> tuple[list[str], list[str], list[s
     for domain in domains:
         pool = _DOMAIN_TEMPLATES[domain] if rng.random() < 0.7 else _GENERIC_TEMPLATES
         captions.append(pool[int(rng.integers(len(pool)))])
-    return [str(d) for d in domains], [str(c) for c in classes], [t.format(c.replace("_", " "))
-                                                                    for t, c in zip(captions, classes, strict=True)]
+    return (
+        [str(d) for d in domains],
+        [str(c) for c in classes],
+        [t.format(c.replace("_", " ")) for t, c in zip(captions, classes, strict=True)],
+    )
 
 
 def _render_batch(
@@ -79,7 +104,9 @@ def _render_batch(
 ) -> torch.Tensor:
     """Render one image per (domain, class) and preprocess it: float pixel values ``(N, 3, S, S)``."""
     images = [
-        render_image(class_name, domain, np.random.default_rng(np.random.SeedSequence([seed, stream, i])), _RENDER_SIZE)
+        render_image(
+            class_name, domain, np.random.default_rng(np.random.SeedSequence([seed, stream, i])), _RENDER_SIZE
+        )
         for i, (domain, class_name) in enumerate(zip(domains, classes, strict=True))
     ]
     chunks = [images[i : i + 512] for i in range(0, len(images), 512)]
@@ -87,7 +114,9 @@ def _render_batch(
 
 
 def _image_processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE})
+    return CLIPImageProcessor(
+        size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+    )
 
 
 def _train_tokenizer(captions: Sequence[str], vocab_size: int) -> CLIPTokenizer:
@@ -100,11 +129,19 @@ def _train_tokenizer(captions: Sequence[str], vocab_size: int) -> CLIPTokenizer:
     bpe = Tokenizer(BPE(end_of_word_suffix="</w>", unk_token=_EOS))
     bpe.normalizer = reference.normalizer
     bpe.pre_tokenizer = reference.pre_tokenizer
-    trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[_BOS, _EOS],
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[_BOS, _EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+    )
     bpe.train_from_iterator(captions, trainer=trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [a + "</w>" for a in alphabet]
     known = set(tokens)
@@ -120,32 +157,54 @@ def _train_tokenizer(captions: Sequence[str], vocab_size: int) -> CLIPTokenizer:
 
 def _build_model(tokenizer: CLIPTokenizer, seed: int) -> CLIPModel:
     """A freshly initialised tiny ``CLIPModel`` whose text config matches ``tokenizer``'s special tokens."""
-    text = {"vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "max_position_embeddings": _MAX_TEXT_LEN, "projection_dim": 128,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    vision = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "image_size": _IMAGE_SIZE, "patch_size": 8, "projection_dim": 128}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _MAX_TEXT_LEN,
+        "projection_dim": 128,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": _IMAGE_SIZE,
+        "patch_size": 8,
+        "projection_dim": 128,
+    }
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
     torch.manual_seed(seed)
     return CLIPModel(config)
 
 
 @torch.no_grad()
-def _zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pixel_values: torch.Tensor,
-                        labels: torch.Tensor, template: str = ZERO_SHOT_TEMPLATE) -> float:
+def _zero_shot_accuracy(
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    template: str = ZERO_SHOT_TEMPLATE,
+) -> float:
     """Top-1 accuracy of zero-shot classification of ``pixel_values`` (N, 3, H, W) against ``labels`` (N,)."""
     model.eval()
     prompts = [template.format(c.replace("_", " ")) for c in SYNTHETIC_CLASSES]
     text = tokenizer(prompts, padding=True, return_tensors="pt")
     text_emb = torch.nn.functional.normalize(model.get_text_features(**text).pooler_output, dim=-1)
-    image_emb = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output,
-                                              dim=-1)
+    image_emb = torch.nn.functional.normalize(
+        model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1
+    )
     return (image_emb @ text_emb.T).argmax(dim=-1).eq(labels).float().mean().item()
 
 
-def evaluate_zero_shot(model: CLIPModel, processor: CLIPProcessor, seed: int = 12345,
-                       images_per_class: int = 10) -> dict[str, float]:
+def evaluate_zero_shot(
+    model: CLIPModel, processor: CLIPProcessor, seed: int = 12345, images_per_class: int = 10
+) -> dict[str, float]:
     """Per-domain zero-shot accuracy with ``"a photo of a {}."`` on freshly rendered synthetic images.
 
     Images come from a seed stream disjoint from pretraining. Returns ``{domain: accuracy}``.
@@ -178,9 +237,17 @@ def label_aware_clip_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) 
     return (image_to_text + text_to_image) / 2
 
 
-def pretrain_tiny_clip(output_dir: str | os.PathLike, seed: int = 0, steps: int = 2500, batch_size: int = 128,
-                       num_pairs: int = 16000, lr: float = 1e-3, vocab_size: int = 1024, num_threads: int = 2,
-                       log_every: int = 100) -> dict[str, object]:
+def pretrain_tiny_clip(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    steps: int = 2500,
+    batch_size: int = 128,
+    num_pairs: int = 16000,
+    lr: float = 1e-3,
+    vocab_size: int = 1024,
+    num_threads: int = 2,
+    log_every: int = 100,
+) -> dict[str, object]:
     """Pretrain the tiny CLIP from scratch on synthetic image–caption pairs and save it to ``output_dir``.
 
     Renders ``num_pairs`` pairs (uneven domain mix), trains the tokenizer on their captions, then runs
@@ -190,12 +257,16 @@ def pretrain_tiny_clip(output_dir: str | os.PathLike, seed: int = 0, steps: int 
     loss, per-domain zero-shot accuracy), which is also returned.
     """
     if steps < 1 or batch_size < 2 or num_pairs < batch_size:
-        raise ValueError(f"Invalid steps={steps}, batch_size={batch_size}, num_pairs={num_pairs}: expected "
-                         "steps >= 1, batch_size >= 2 and num_pairs >= batch_size.")
+        raise ValueError(
+            f"Invalid steps={steps}, batch_size={batch_size}, num_pairs={num_pairs}: expected "
+            "steps >= 1, batch_size >= 2 and num_pairs >= batch_size."
+        )
     start = time.perf_counter()
     _configure_determinism(seed, num_threads)
     domains, classes, captions = _caption_corpus(seed, num_pairs)
-    tokenizer = _train_tokenizer(captions, vocab_size)
+    # The tokenizer always learns from the full-size caption corpus (captions are cheap to draw): BPE merges
+    # of tied counts come out in a run-dependent order on small corpora, never on this one.
+    tokenizer = _train_tokenizer(_caption_corpus(seed, _TOKENIZER_CAPTIONS)[2], vocab_size)
     image_processor = _image_processor()
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
@@ -205,21 +276,29 @@ def pretrain_tiny_clip(output_dir: str | os.PathLike, seed: int = 0, steps: int 
     model.train()
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "embedding" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_pairs, generator=generator)
     cursor, loss = 0, torch.tensor(float("nan"))
     for step in range(steps):
         if cursor + batch_size > num_pairs:
             order, cursor = torch.randperm(num_pairs, generator=generator), 0
-        idx = order[cursor:cursor + batch_size]
+        idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        logits = model(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx],
-                       pixel_values=images[idx]).logits_per_image
+        logits = model(
+            input_ids=text["input_ids"][idx],
+            attention_mask=text["attention_mask"][idx],
+            pixel_values=images[idx],
+        ).logits_per_image
         loss = label_aware_clip_loss(logits, labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,15 +308,27 @@ def pretrain_tiny_clip(output_dir: str | os.PathLike, seed: int = 0, steps: int 
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, math.log(100.0))
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {loss.item():.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     train_time = time.perf_counter() - start
     model.eval()
     accuracy = evaluate_zero_shot(model, processor)
-    report = {"seed": seed, "steps": steps, "batch_size": batch_size, "num_pairs": num_pairs, "lr": lr,
-              "vocab_size": len(tokenizer), "num_threads": num_threads, "torch_version": torch.__version__,
-              "final_loss": round(loss.item(), 6), "train_seconds": round(train_time, 1),
-              "zero_shot_template": ZERO_SHOT_TEMPLATE, "zero_shot_accuracy": accuracy}
+    report = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "num_pairs": num_pairs,
+        "lr": lr,
+        "vocab_size": len(tokenizer),
+        "num_threads": num_threads,
+        "torch_version": torch.__version__,
+        "final_loss": round(loss.item(), 6),
+        "train_seconds": round(train_time, 1),
+        "zero_shot_template": ZERO_SHOT_TEMPLATE,
+        "zero_shot_accuracy": accuracy,
+    }
     _save(model, processor, Path(output_dir), report)
     return report
 

@@ -207,8 +207,14 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
 @pytest.mark.parametrize(
     ("target", "match"),
     [
-        (lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}), "unexpected weight"),
-        (lambda: make_clip(text={"hidden_size": 64, "intermediate_size": 64}), r"checkpoint \(2, 4\) vs model \(2, 8\)"),
+        (
+            lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}),
+            "unexpected weight",
+        ),
+        (
+            lambda: make_clip(text={"hidden_size": 64, "intermediate_size": 64}),
+            r"checkpoint \(2, 4\) vs model \(2, 8\)",
+        ),
         (lambda: CLIPVisionModel(tiny_clip_config().vision_config), "unexpected weight .*text_model"),
     ],
     ids=["fewer-layers", "wider-text", "vision-only"],
@@ -229,7 +235,9 @@ def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
     model = _two_adapters(make_clip())
     expected = model(**batch).logits_per_image
     (tmp_path / "b" / "adapter_config.json").write_text(
-        (tmp_path / "b" / "adapter_config.json").read_text().replace('"prompt_length": 2', '"prompt_length": 4')
+        (tmp_path / "b" / "adapter_config.json")
+        .read_text()
+        .replace('"prompt_length": 2', '"prompt_length": 4')
     )
     with pytest.raises(ValueError, match="does not fit"):
         model.load_adapter(tmp_path / "b", adapter_name="b")

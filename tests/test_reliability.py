@@ -495,7 +495,10 @@ def test_task_adapters_only_round_trip(tokenizer, tmp_path):
     ("option", "message"),
     [
         (["--momentum", "nan"], "argument --momentum: expected a non-negative finite number, got 'nan'"),
-        (["--weight-decay", "-1"], "argument --weight-decay: expected a non-negative finite number, got '-1'"),
+        (
+            ["--weight-decay", "-1"],
+            "argument --weight-decay: expected a non-negative finite number, got '-1'",
+        ),
         (["--lr", "inf"], "argument --lr: expected a positive finite number, got 'inf'"),
         (["--tasks", "../x"], "Invalid task name '../x'"),
     ],

@@ -45,7 +45,9 @@ def test_render_is_deterministic() -> None:
 
 def test_generate_tree_deterministic_and_cached(tmp_path: Path) -> None:
     classes, domains = ["circle", "fish", "key"], ["Photo", "Sketch"]
-    root = generate_benchmark(tmp_path / "a", images_per_class=3, seed=7, size=32, classes=classes, domains=domains)
+    root = generate_benchmark(
+        tmp_path / "a", images_per_class=3, seed=7, size=32, classes=classes, domains=domains
+    )
     assert root == tmp_path / "a"
     assert sorted(p.name for p in root.iterdir()) == ["Photo", "Sketch", "benchmark.json"]
     for domain, class_name in itertools.product(domains, classes):
@@ -54,9 +56,13 @@ def test_generate_tree_deterministic_and_cached(tmp_path: Path) -> None:
     assert meta["seed"] == 7 and meta["size"] == 32 and meta["num_images"] == 18
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
-    same = generate_benchmark(tmp_path / "b", images_per_class=3, seed=7, size=32, classes=classes, domains=domains)
+    same = generate_benchmark(
+        tmp_path / "b", images_per_class=3, seed=7, size=32, classes=classes, domains=domains
+    )
     assert _tree_bytes(root) == _tree_bytes(same)
-    other = generate_benchmark(tmp_path / "c", images_per_class=3, seed=8, size=32, classes=classes, domains=domains)
+    other = generate_benchmark(
+        tmp_path / "c", images_per_class=3, seed=8, size=32, classes=classes, domains=domains
+    )
     assert _tree_bytes(root).keys() == _tree_bytes(other).keys()
     assert all(_tree_bytes(root)[k] != v for k, v in _tree_bytes(other).items())
 
@@ -72,11 +78,15 @@ def test_generate_tree_deterministic_and_cached(tmp_path: Path) -> None:
 
 
 def test_images_independent_of_subset(tmp_path: Path) -> None:
-    full = generate_benchmark(tmp_path / "full", images_per_class=2, seed=1, size=32, classes=["star", "cup"],
-                              domains=["Clipart"])
-    part = generate_benchmark(tmp_path / "part", images_per_class=2, seed=1, size=32, classes=["cup"],
-                              domains=["Clipart"])
-    assert (full / "Clipart" / "cup" / "1.png").read_bytes() == (part / "Clipart" / "cup" / "1.png").read_bytes()
+    full = generate_benchmark(
+        tmp_path / "full", images_per_class=2, seed=1, size=32, classes=["star", "cup"], domains=["Clipart"]
+    )
+    part = generate_benchmark(
+        tmp_path / "part", images_per_class=2, seed=1, size=32, classes=["cup"], domains=["Clipart"]
+    )
+    assert (full / "Clipart" / "cup" / "1.png").read_bytes() == (
+        part / "Clipart" / "cup" / "1.png"
+    ).read_bytes()
 
 
 def test_incomplete_tree_is_regenerated(tmp_path: Path) -> None:
@@ -120,7 +130,9 @@ def test_render_bad_arguments() -> None:
 def test_classes_differ_more_than_instances() -> None:
     """Sketch images of one class are closer to each other than to other classes' images, despite pose changes."""
     per_class = 8
-    images = np.stack([[_pixels(c, "Sketch", s, 32).mean(-1) for s in range(per_class)] for c in SYNTHETIC_CLASSES])
+    images = np.stack(
+        [[_pixels(c, "Sketch", s, 32).mean(-1) for s in range(per_class)] for c in SYNTHETIC_CLASSES]
+    )
     flat = images.reshape(len(SYNTHETIC_CLASSES) * per_class, -1)
     distance = np.abs(flat[:, None, :] - flat[None, :, :]).mean(-1)
     label = np.repeat(np.arange(len(SYNTHETIC_CLASSES)), per_class)
@@ -131,21 +143,28 @@ def test_classes_differ_more_than_instances() -> None:
     assert between > within
     # A nearest-class-mean classifier on held-out images beats chance by far.
     means = images.mean(1)
-    held_out = [(c, _pixels(name, "Sketch", s, 32).mean(-1)) for c, name in enumerate(SYNTHETIC_CLASSES)
-                for s in range(100, 103)]
+    held_out = [
+        (c, _pixels(name, "Sketch", s, 32).mean(-1))
+        for c, name in enumerate(SYNTHETIC_CLASSES)
+        for s in range(100, 103)
+    ]
     correct = sum(int(np.argmin(np.abs(means - image).mean((1, 2))) == c) for c, image in held_out)
     assert correct / len(held_out) > 3 / len(SYNTHETIC_CLASSES)
 
 
 def test_domains_differ() -> None:
     """Simple colour statistics separate the domains."""
-    stats = {d: np.array([_stat(_pixels(c, d, s)) for c in SYNTHETIC_CLASSES[:8] for s in range(3)])
-             for d in SYNTHETIC_DOMAINS}
+    stats = {
+        d: np.array([_stat(_pixels(c, d, s)) for c in SYNTHETIC_CLASSES[:8] for s in range(3)])
+        for d in SYNTHETIC_DOMAINS
+    }
     saturation = {d: v[:, 0].mean() for d, v in stats.items()}
     white = {d: v[:, 1].mean() for d, v in stats.items()}
     assert saturation["Sketch"] < 1.0  # grey strokes
     assert min(saturation["Photo"], saturation["Clipart"], saturation["Painting"]) > 10
-    assert white["Sketch"] > 0.8 and white["Clipart"] > white["Photo"] and white["Clipart"] > white["Painting"]
+    assert (
+        white["Sketch"] > 0.8 and white["Clipart"] > white["Photo"] and white["Clipart"] > white["Painting"]
+    )
     edges = {d: v[:, 2].mean() for d, v in stats.items()}
     assert edges["Painting"] < edges["Clipart"]  # blurred vs crisp outlines
 

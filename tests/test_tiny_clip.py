@@ -19,6 +19,7 @@ from peft_mmap.tiny_clip import TINY_CLIP_PATH, load_tiny_clip, pretrain_tiny_cl
 
 torch.set_num_threads(2)
 
+
 @pytest.fixture(scope="module")
 def tiny_clip() -> tuple:
     """The shipped (model, processor)."""
@@ -27,8 +28,14 @@ def tiny_clip() -> tuple:
 
 def test_assets_present_and_small() -> None:
     names = {p.name for p in TINY_CLIP_PATH.iterdir()}
-    required = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
-                "preprocessor_config.json"}
+    required = {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    }
     assert required <= names
     total = sum(p.stat().st_size for p in TINY_CLIP_PATH.iterdir() if p.is_file())
     assert total <= 10 * 1024 * 1024
@@ -53,8 +60,14 @@ def test_loads_offline_in_fresh_process() -> None:
         "m = CLIPModel.from_pretrained(p); CLIPProcessor.from_pretrained(p); print(m.config.projection_dim)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
-    result = subprocess.run([sys.executable, "-c", code, str(TINY_CLIP_PATH)], env=env, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(TINY_CLIP_PATH)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "128"
 
@@ -108,3 +121,15 @@ def test_pretraining_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "vocab.json").read_bytes() == (tmp_path / "b" / "vocab.json").read_bytes()
     model = CLIPModel.from_pretrained(tmp_path / "a")
     assert not torch.equal(model.logit_scale, torch.tensor(2.6592))  # it was trained
+
+
+@pytest.mark.slow
+def test_pretraining_reproduces_the_shipped_tokenizer(tmp_path: Path) -> None:
+    pretrain_tiny_clip(tmp_path, seed=0, steps=1, batch_size=16, num_pairs=32, log_every=0)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_bytes() == (TINY_CLIP_PATH / name).read_bytes(), name
+    shipped = json.loads((TINY_CLIP_PATH / "config.json").read_text())
+    rebuilt = json.loads((tmp_path / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size"):
+            assert rebuilt[tower].get(key) == shipped[tower].get(key), (tower, key)
