@@ -471,9 +471,10 @@ def run_bench(args: argparse.Namespace) -> None:
     spec = bench_spec(args)
     if args.sweep_shots:
         run_shot_sweep(args.model, folders, spec, args.output, shots=args.sweep_shots)
+        print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'} and shots<k>/results.*")
     else:
         Benchmark(args.model, folders, spec, args.output).run()
-    print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
+        print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
