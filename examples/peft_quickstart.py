@@ -1,7 +1,7 @@
 """MmAP through PEFT's own verbs: two adapters active at once, save, reload, switch, unload.
 
-    python examples/peft_quickstart.py                                   # shipped tiny CLIP, offline
-    python examples/peft_quickstart.py --model openai/clip-vit-base-patch16
+python examples/peft_quickstart.py                                   # shipped tiny CLIP, offline
+python examples/peft_quickstart.py --model openai/clip-vit-base-patch16
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ import peft_mmap
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id or folder of a CLIPModel (default: shipped tiny CLIP)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="hub id or folder of a CLIPModel (default: shipped tiny CLIP)"
+    )
     args = parser.parse_args()
     model_id = args.model or str(peft_mmap.TINY_CLIP_PATH)
 

@@ -12,9 +12,13 @@ from peft_mmap.tiny_clip import TINY_CLIP_PATH, pretrain_tiny_clip
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=str(TINY_CLIP_PATH), help="where to save (default: the asset folder)")
+    parser.add_argument(
+        "--output-dir", default=str(TINY_CLIP_PATH), help="where to save (default: the asset folder)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped run's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: the shipped run's)"
+    )
     parser.add_argument("--num-pairs", type=int, default=None, help="image-caption pairs rendered")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     args = parser.parse_args()
