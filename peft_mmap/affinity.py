@@ -26,7 +26,7 @@ from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
 from .config import MmAPConfig
 from .files import atomic_write, atomic_write_json
 from .multitask import MultiTaskMmAP
-from .train import StepEvent, TrainConfig, steps_per_epoch, train
+from .train import StepEvent, TrainConfig, seed_everything, steps_per_epoch, train
 
 METRICS = ("dot", "cosine")
 AFFINITY_JSON = "affinity.json"
@@ -132,6 +132,7 @@ def task_affinity(
         total = min(total, train_config.max_steps)
     every = every or max(1, total // snapshots)
 
+    seed_everything(train_config.seed)  # the shared adapter's init: same seed, same affinity and groups
     model = MultiTaskMmAP(clip, tokenizer, [specs[t] for t in names], [names], config, task_adapters=False)
     shared = [p for p in model.parameters() if p.requires_grad]
     state = {"sum": torch.zeros(len(names), len(names), dtype=torch.float64), "count": 0}

@@ -38,6 +38,10 @@ from .grouping import group_tasks
 from .multitask import MultiTaskMmAP
 from .train import TrainConfig, find_checkpoint, train
 
+#: How methods are trained: ``"recipes"`` gives each method its own recipe (`peft_mmap.baselines.RECIPES`:
+#: its paper's learning rate, context init, warm-up, augmentation) on top of the shared settings;
+#: ``"paper"`` trains every method with the shared settings alone (the MmAP paper's single SGD recipe).
+PROTOCOLS = ("recipes", "paper")
 #: Methods whose builder takes the task groups found by gradient-based grouping.
 GROUPED_METHODS = ("mmap", "mmap_random_groups", "joint_prompts", "mlp_prompts")
 #: Table 3 of the paper: (method, task-specific, group-shared) rows.
@@ -66,7 +70,9 @@ class BenchmarkSpec:
         affinity_train: trainer settings of the grouping run (default: ``train``).
         template: class-prompt template.
         eval_batch_size: evaluation batch size.
-        method_options: extra builder options per method (e.g. ``{"coop": {"n_ctx": 4}}``).
+        method_options: extra builder options per method (e.g. ``{"coop": {"n_ctx": 4}}``); they override
+            the recipe's.
+        protocol: ``"recipes"`` or ``"paper"`` (see `PROTOCOLS`).
         device: where to train and evaluate (default: CUDA if available).
     """
 
@@ -83,6 +89,7 @@ class BenchmarkSpec:
     template: str = DEFAULT_TEMPLATE
     eval_batch_size: int = 64
     method_options: dict[str, dict] = field(default_factory=dict)
+    protocol: str = "recipes"
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +104,16 @@ class BenchmarkSpec:
             raise ValueError(f"BenchmarkSpec.seeds must be a non-empty list of ints, got {self.seeds!r}.")
         if (self.shots is None) == (self.fraction is None):
             raise ValueError("Give exactly one of BenchmarkSpec.shots and BenchmarkSpec.fraction.")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"Unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}.")
+
+    def recipe(self, method: str, seed: int) -> tuple[TrainConfig, dict]:
+        """The trainer settings and builder options of ``method``'s run with ``seed`` under `protocol`."""
+        recipe = METHODS[method].recipe
+        use = self.protocol == "recipes"
+        config = dataclasses.replace(self.train, **(dict(recipe.train) if use else {}), seed=seed)
+        options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
+        return config, options
 
 
 @dataclass
@@ -205,8 +222,10 @@ class Benchmark:
     def run_file(self, method: str, seed: int) -> Path:
         return self.output_dir / "runs" / method / f"seed{seed}.json"
 
-    def build(self, method: str, seed: int, splits: Mapping[str, TaskSplit], groups) -> CLIPTaskClassifier:
-        options = dict(self.spec.method_options.get(method, {}))
+    def build(
+        self, method: str, seed: int, splits: Mapping[str, TaskSplit], groups, options: Mapping
+    ) -> CLIPTaskClassifier:
+        options = dict(options)
         if method.startswith("mmap"):
             options.setdefault("config", self.spec.mmap)
         if method == "mmap_random_groups":
@@ -222,13 +241,13 @@ class Benchmark:
             return read_json(path, "benchmark run")
         data = self.seed_data(seed)
         torch.manual_seed(seed)
-        model = self.build(method, seed, data.splits, groups).to(self.device)
+        config, options = self.spec.recipe(method, seed)
+        model = self.build(method, seed, data.splits, groups, options).to(self.device)
         work = path.with_suffix("")
         started = time.monotonic()
         trainable = model.trainable_parameter_count()
         if trainable:
             self.log(f"[{method} seed {seed}] training {trainable:,} parameters")
-            config = dataclasses.replace(self.spec.train, seed=seed)
             train(
                 model,
                 data.train,
@@ -248,6 +267,7 @@ class Benchmark:
             "accuracy": accuracies,
             "trainable_params": trainable,
             "train_seconds": round(train_seconds, 2),
+            "recipe": {"protocol": self.spec.protocol, "train": config.to_dict(), "options": options},
         }
         atomic_write_json(path, record)
         self.log(f"[{method} seed {seed}] average {accuracies[AVERAGE]:.2f}%  ({train_seconds:.0f}s)")
@@ -259,7 +279,8 @@ class Benchmark:
         records = {m: [self.run_one(m, s, groups) for s in self.spec.seeds] for m in self.spec.methods}
         methods = {
             m: {**method_result([r["accuracy"] for r in runs], runs[0]["trainable_params"]),
-                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
+                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs),
+                "recipe": runs[0].get("recipe")}
             for m, runs in records.items()
         }  # fmt: skip
         task_order = list(self.folders)

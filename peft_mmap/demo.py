@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from .bench import Benchmark, BenchmarkSpec
 from .config import MmAPConfig
 from .data import scan_image_folder
+from .evaluate import AVERAGE
 from .files import atomic_write_json
 from .multitask import MultiTaskMmAP
 from .synthetic import generate_benchmark
@@ -115,6 +116,35 @@ def run_demo(
     if "mmap" in spec.methods:
         adapters = Path(output_dir) / "runs" / "mmap" / f"seed{spec.seeds[0]}" / "adapters"
         results["task_switching"] = show_task_switching(model_id, adapters, bench, spec.seeds[0], log=log)
+        results["verdict"] = verdict(results["methods"])
         atomic_write_json(Path(output_dir) / "results.json", results)
-    log(f"\nresults: {Path(output_dir) / 'results.json'} ({time.monotonic() - started:.0f}s in all)")
+        log(f"\n{results['verdict']['line']}")
+        log(f"MmAP adapters (seed {spec.seeds[0]}): {adapters}")
+    log(f"results: {Path(output_dir) / 'results.json'} ({time.monotonic() - started:.0f}s in all)")
     return results
+
+
+def verdict(methods: Mapping[str, Mapping]) -> dict:
+    """MmAP against zero-shot and against the best other trained method, as mean ± std over seeds.
+
+    ``methods`` is ``results.json``'s ``"methods"``. Returns the numbers and a one-line ``"line"``.
+    """
+
+    def score(name: str) -> tuple[float, float]:
+        return methods[name]["average"], methods[name]["std"][AVERAGE]
+
+    mmap, parts = score("mmap"), []
+    text = f"verdict: MmAP {mmap[0]:.1f} ± {mmap[1]:.1f}"
+    out: dict = {"mmap": mmap}
+    if "zeroshot" in methods:
+        out["zeroshot"] = score("zeroshot")
+        parts.append(f"zero-shot {out['zeroshot'][0]:.1f} ± {out['zeroshot'][1]:.1f} "
+                     f"({mmap[0] - out['zeroshot'][0]:+.1f})")  # fmt: skip
+    others = [m for m in methods if m not in ("mmap", "zeroshot")]
+    if others:
+        best = max(others, key=lambda m: methods[m]["average"])
+        out["best_baseline"] = {"method": best, "score": score(best)}
+        parts.append(f"best baseline {best} {score(best)[0]:.1f} ± {score(best)[1]:.1f} "
+                     f"({mmap[0] - score(best)[0]:+.1f})")  # fmt: skip
+    out["line"] = text + (" vs " + "; vs ".join(parts) if parts else "")
+    return out

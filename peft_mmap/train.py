@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .augment import crop_flip_params, random_resized_crop_flip
 from .classifier import CLIPTaskClassifier
 from .files import atomic_write, atomic_write_json, load_safetensors, read_json
 
@@ -92,6 +93,8 @@ class TrainConfig:
         log_every: log the task losses every this many steps.
         max_steps: stop after this many optimizer steps in total (quick runs; the schedule is unchanged).
         grad_clip: clip the global gradient norm to this value.
+        augment: random resized crop and horizontal flip of every training batch (`peft_mmap.augment`),
+            drawn from ``(seed, epoch, task, step)`` so runs stay reproducible and resumable.
     """
 
     epochs: int = 5
@@ -110,6 +113,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None
     grad_clip: float | None = None
+    augment: bool = False
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -144,8 +148,9 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {list(allowed)}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            fail("gradient_checkpointing", "True or False")
+        for name in ("gradient_checkpointing", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             fail("max_steps", "None or a positive integer")
         if self.grad_clip is not None and (not is_number(self.grad_clip) or self.grad_clip <= 0):
@@ -631,6 +636,8 @@ def _train(
                         task: tuple(t.to(device, non_blocking=True) for t in next(loaders[task]))
                         for task in tasks
                     }
+                    if config.augment:
+                        batches = _augmented(batches, config, epoch, step, ddp)
                     lr = learning_rate(config, global_step, spe)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
@@ -669,6 +676,22 @@ def _train(
         finally:
             bar.close()
     return TrainResult(global_step, epoch, history, last_checkpoint, time.monotonic() - started)
+
+
+def _augmented(
+    batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    epoch: int,
+    step: int,
+    ddp: _Dist,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Crop and flip each task's batch; crops are drawn for the global batch, then this rank's shard is
+    taken, so DDP sees the same augmented images as a single process."""
+    out = {}
+    for index, (task, (pixels, labels)) in enumerate(batches.items()):
+        theta = crop_flip_params(config.batch_size, [config.seed, epoch, index, step])
+        out[task] = (random_resized_crop_flip(pixels, theta[ddp.rank :: ddp.world_size]), labels)
+    return out
 
 
 def _epoch_loader(

@@ -204,3 +204,34 @@ def test_unknown_method_and_bad_depth(tokenizer):
         build_method("lora", make_clip(), tokenizer, TASKS)
     with pytest.raises(ValueError, match="depth must be"):
         build_method("vpt", make_clip(), tokenizer, TASKS, depth=4)
+
+
+@pytest.mark.parametrize("name", ["coop", "maple_mt"])
+def test_ctx_init_starts_the_context_at_the_phrase_word_embeddings(name, tokenizer):
+    clip = make_clip()
+    ids = tokenizer("ab cd", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    words = clip.text_model.embeddings.token_embedding.weight[ids].detach()
+    options = {"n_ctx": len(ids)} if name == "coop" else {"prompt_length": 2}
+    model = build_method(name, clip, tokenizer, TASKS, ctx_init="ab cd", **options)
+    unit = next(iter(model.units.values()))
+    if name == "coop":
+        torch.testing.assert_close(unit.ctx.detach(), words)
+    else:  # MaPLe: the first layer's text prompts are the first b words
+        torch.testing.assert_close(unit.text[0].detach(), words[:2])
+    assert METHODS[name].parameters(make_clip().config, len(TASKS), ctx_init="ab cd", **options) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_ctx_init_of_the_wrong_length_is_refused(tokenizer):
+    with pytest.raises(ValueError, match=r"ctx_init must have as many tokens as the context length"):
+        build_method("coop", make_clip(), tokenizer, TASKS, ctx_init="ab cd", n_ctx=3)
+
+
+def test_every_trained_method_has_a_recipe_and_valid_trainer_settings():
+    from peft_mmap.train import TrainConfig
+
+    for name, spec in METHODS.items():
+        config = TrainConfig(**spec.recipe.train)  # validates every field
+        if name != "zeroshot":
+            assert config.augment and spec.recipe.source, name

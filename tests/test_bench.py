@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,6 +38,9 @@ def test_benchmark_writes_results_and_resumes(workspace, tmp_path, monkeypatch):
         assert set(entry["tasks"]) == set(folders) and 0 <= entry["average"] <= 100
     assert results["methods"]["zeroshot"]["trainable_params"] == 0
     assert results["methods"]["mmap"]["trainable_params"] > 0
+    recipe = results["methods"]["coop_mt"]["recipe"]  # each method's recipe is recorded
+    assert recipe["protocol"] == "recipes" and recipe["train"]["lr"] == 0.002 and recipe["train"]["augment"]
+    assert recipe["options"] == {"n_ctx": 4, "ctx_init": "a photo of a"}
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert (tmp_path / "grouping" / "affinity.png").is_file()
     assert (tmp_path / "runs" / "mmap" / "seed1" / "adapters" / "mmap_manifest.json").is_file()
@@ -62,6 +66,7 @@ def test_benchmark_writes_results_and_resumes(workspace, tmp_path, monkeypatch):
         ({"methods": ["nope"]}, r"Unknown methods \['nope'\]"),
         ({"shots": None}, "exactly one of"),
         ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"protocol": "mine"}, r"Unknown protocol 'mine'; expected one of \('recipes', 'paper'\)"),
     ],
 )
 def test_spec_validation(overrides, match):
@@ -79,3 +84,11 @@ def test_ablation_table_and_sweep_plot(tmp_path):
     }
     path = plot_shot_sweep(sweep, tmp_path / "sweep.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipes_protocol_and_the_papers_single_recipe():
+    config, options = spec(method_options={"coop_mt": {"n_ctx": 4}}).recipe("coop_mt", 3)
+    assert (config.lr, config.augment, config.seed, config.epochs) == (0.002, True, 3, QUICK.epochs)
+    assert options == {"n_ctx": 4, "ctx_init": "a photo of a"}
+    config, options = spec(protocol="paper").recipe("coop_mt", 3)
+    assert config == dataclasses.replace(QUICK, seed=3) and options == {}

@@ -29,3 +29,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert (output / "runs" / "mmap" / "seed1" / "adapters" / "mmap_manifest.json").is_file()
     out = capsys.readouterr().out
     assert "Average" in out and "task switching" in out
+    verdict = results["verdict"]  # MmAP against zero-shot and the best baseline, mean ± std over seeds
+    assert verdict["mmap"][0] == results["methods"]["mmap"]["average"]
+    assert verdict["best_baseline"]["method"] in ("coop_mt", "vpt_mt")
+    assert verdict["line"] in out and "verdict: MmAP" in out
+    assert str(output / "runs" / "mmap" / "seed1" / "adapters") in out

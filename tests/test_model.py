@@ -244,3 +244,20 @@ def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
     assert sorted(model.peft_config) == ["art", "group0"]
     model.base_model.set_adapter(["group0", "art"])
     torch.testing.assert_close(model(**batch).logits_per_image, expected)
+
+
+def test_every_factor_of_a_fresh_default_adapter_gets_a_gradient(clip, batch):
+    """Issue 10: with the default config, P_s of every layer and both towers' M learn from the first step."""
+    model = get_peft_model(clip, MmAPConfig())
+    out = model(**batch, return_loss=True)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("mmap_source" in n for n in grads)
+    assert any("text_model" in n and "mmap_scale" in n for n in grads)
+    assert any("vision_model" in n and "mmap_scale" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad is not None, name
+        if "mmap_source" in name:  # (depth, m, n): every layer's source prompt
+            assert (grad.flatten(1).abs().sum(-1) > 0).all(), name
+        else:
+            assert grad.abs().sum() > 0, name

@@ -13,19 +13,30 @@ from torch import nn
 from transformers import CLIPConfig
 
 from ..layer import Tower
-from .prompted import PromptUnit
+from .prompted import PromptUnit, check_init
 
 #: Context tokens and init std of CoOp.
 DEFAULT_N_CTX, DEFAULT_INIT_STD = 16, 0.02
 
 
 class CoOpContext(PromptUnit):
-    """``n_ctx`` learnable text tokens ``(n_ctx, d_l)``, N(0, init_std²) init. Parameters: ``n_ctx * d_l``."""
+    """``n_ctx`` learnable text tokens ``(n_ctx, d_l)``. Parameters: ``n_ctx * d_l``.
 
-    def __init__(self, config: CLIPConfig, n_ctx: int = DEFAULT_N_CTX, init_std: float = DEFAULT_INIT_STD):
+    Initialised N(0, init_std²), or from the word embeddings ``init`` ``(n_ctx, d_l)`` of a phrase such as
+    "a photo of a" (CoOp's ``ctx_init``; see `peft_mmap.baselines.prompted.word_embeddings`).
+    """
+
+    def __init__(
+        self,
+        config: CLIPConfig,
+        n_ctx: int = DEFAULT_N_CTX,
+        init_std: float = DEFAULT_INIT_STD,
+        init: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.lengths = {"text": n_ctx, "vision": 0}
-        self.ctx = nn.Parameter(torch.randn(n_ctx, config.text_config.hidden_size) * init_std)
+        ctx = torch.randn(n_ctx, config.text_config.hidden_size) * init_std
+        self.ctx = nn.Parameter(ctx if init is None else check_init(init, ctx.shape).clone())
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
         return self.ctx if tower == "text" and layer == 0 else None

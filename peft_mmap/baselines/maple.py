@@ -3,7 +3,8 @@
 Class prompt: ``[SOS, p_1, ..., p_b, class tokens, ".", EOS]`` at layer 0 (the prompts replace the
 template); at each of the first ``depth`` layers both towers get new prompts: text ``P^k`` ``(b, d_l)``
 and vision ``Linear_k(P^k)`` ``(b, d_v)``. Defaults: ``b=2``, ``depth=9`` (clipped to the layers both
-towers have), text prompts N(0, 0.02²).
+towers have), text prompts N(0, 0.02²); with ``ctx_init`` (e.g. "a photo of a") the first layer's text
+prompts start as the word embeddings of its first ``b`` tokens, as in MaPLe's code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from ..layer import Tower
-from .prompted import PromptUnit, prompt_depth
+from .prompted import PromptUnit, check_init, prompt_depth
 
 DEFAULT_PROMPT_LENGTH, DEFAULT_DEPTH, DEFAULT_INIT_STD = 2, 9, 0.02
 
@@ -35,12 +36,16 @@ class MaPLePrompts(PromptUnit):
         prompt_length: int = DEFAULT_PROMPT_LENGTH,
         depth: int | None = None,
         init_std: float = DEFAULT_INIT_STD,
+        init: torch.Tensor | None = None,
     ):
         super().__init__()
         d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
         self.depth = _depth(config, depth)
         self.lengths = {"text": prompt_length, "vision": prompt_length}
-        self.text = nn.Parameter(torch.randn(self.depth, prompt_length, d_l) * init_std)
+        text = torch.randn(self.depth, prompt_length, d_l) * init_std
+        if init is not None:  # MaPLe: the first layer's prompts start as the first words of ctx_init
+            text[0] = check_init(init[:prompt_length], text[0].shape)
+        self.text = nn.Parameter(text)
         self.projections = nn.ModuleList(nn.Linear(d_l, d_v) for _ in range(self.depth))
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:

@@ -114,6 +114,28 @@ def prompt_depth(depth: int | None, num_layers: int, default: int | None = None)
     return depth
 
 
+def word_embeddings(clip: nn.Module, tokenizer: PreTrainedTokenizerBase, phrase: str) -> torch.Tensor:
+    """Token embeddings ``(n, d_l)`` of ``phrase`` (no SOS/EOS, no positions): CoOp's ``ctx_init`` vectors."""
+    ids = tokenizer(phrase, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() == 0:
+        raise ValueError(f"ctx_init {phrase!r} has no tokens.")
+    text_model = getattr(clip, "text_model", clip)
+    with torch.no_grad():
+        return text_model.embeddings.token_embedding(
+            ids.to(text_model.embeddings.token_embedding.weight.device)
+        )
+
+
+def check_init(init: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``init`` if it has ``shape``; else a ``ValueError`` naming both (e.g. ctx_init of the wrong length)."""
+    if tuple(init.shape) != tuple(shape):
+        raise ValueError(
+            f"Prompt init of shape {tuple(init.shape)} does not fit prompts of shape {tuple(shape)}: "
+            "ctx_init must have as many tokens as the context length (n_ctx / prompt_length)."
+        )
+    return init.detach().float()
+
+
 def class_name_tasks(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> list[TaskSpec]:
     """The tasks with template ``"{}."``: learnable context replaces the hand-written template (CoOp, MaPLe)."""
     return [TaskSpec(s.name, s.classnames, "{}.") for s in as_task_specs(tasks).values()]

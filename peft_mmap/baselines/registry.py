@@ -7,8 +7,9 @@ Single-task methods (``coop``, ``vpt``, ``maple``, ``full_ft``) keep one paramet
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from torch import nn
@@ -25,7 +26,8 @@ from .joint import JointPrompts, joint_parameters
 from .maple import MaPLePrompts, maple_parameters
 from .mlp_prompts import MLPPrompts, mlp_parameters
 from .mmap_variants import DEFAULT_RANDOM_GROUPS, mmap_adapter_parameters, random_groups
-from .prompted import Layout, PromptClassifier, PromptUnit, class_name_tasks, count_units
+from .prompted import Layout, PromptClassifier, PromptUnit, class_name_tasks, count_units, word_embeddings
+from .recipes import RECIPES, Recipe
 from .vpt import VPTPrompts, vpt_parameters
 from .zeroshot import ZeroShotCLIP
 
@@ -45,6 +47,7 @@ class MethodSpec:
             modified in place: pass a fresh ``CLIPModel``).
         parameters: ``parameters(clip_config, num_tasks, num_groups, **options) -> int``, the closed-form
             trainable-parameter count (``num_groups=None``: no groups given).
+        recipe: its training recipe under the ``"recipes"`` protocol.
     """
 
     name: str
@@ -52,6 +55,7 @@ class MethodSpec:
     paper_column: str | None
     build: Callable[..., CLIPTaskClassifier]
     parameters: Callable[..., int]
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 def _prompt_method(
@@ -66,11 +70,15 @@ def _prompt_method(
     def build(
         clip: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: Tasks, groups: Groups = None, **options
     ):
+        ctx_init = options.pop("ctx_init", None)
+        if ctx_init is not None:
+            options["init"] = word_embeddings(clip, tokenizer, ctx_init)
         specs = class_name_tasks(tasks) if class_names_only else tasks
         grouping = groups if layout == "grouped" else None
         return PromptClassifier(clip, tokenizer, specs, partial(unit, **options), layout, grouping)
 
     def parameters(clip_config: CLIPConfig, num_tasks: int, num_groups: int | None = None, **options) -> int:
+        options.pop("ctx_init", None)  # initial values do not change the count
         return count_units(num_tasks, layout, num_groups) * unit_parameters(clip_config, **options)
 
     return MethodSpec(name, summary, paper_column, build, parameters)
@@ -272,7 +280,9 @@ _SPECS = [
 ]
 
 #: Every method by name.
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: dataclasses.replace(spec, recipe=RECIPES.get(spec.name, Recipe())) for spec in _SPECS
+}
 
 
 def get_method(name: str) -> MethodSpec:

@@ -1,0 +1,64 @@
+"""`RECIPES`: how each method is trained under the benchmark's ``"recipes"`` protocol.
+
+Each entry replaces some of the shared trainer settings (`peft_mmap.train.TrainConfig`: the MmAP paper's
+SGD, lr 0.0035, batch 16, cosine) and may set builder options. Where a method's own paper gives a recipe
+it is followed; every trained method gets the same augmentation (random resized crop and flip, as in the
+CoOp, MaPLe and CLIP-Adapter papers) and the same epochs and batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method is trained under the ``"recipes"`` protocol (`peft_mmap.bench.PROTOCOLS`).
+
+    Attributes:
+        train: `peft_mmap.train.TrainConfig` fields that replace the shared settings (e.g. ``lr``).
+        options: builder options (e.g. ``ctx_init="a photo of a"``).
+        source: where the recipe comes from.
+    """
+
+    train: Mapping[str, object] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"train": dict(self.train), "options": dict(self.options), "source": self.source}
+
+
+_AUGMENT = {"augment": True}
+_PHOTO_CTX = "a photo of a"
+#: Full fine-tuning: AdamW at a small learning rate (the logit scale stays frozen, see ``full_ft``).
+_FULL_FT = Recipe({**_AUGMENT, "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.1},
+                  source="small-lr AdamW fine-tuning of CLIP (e.g. WiSE-FT, FLYP)")  # fmt: skip
+_COOP = Recipe({**_AUGMENT, "lr": 0.002}, {"n_ctx": 4, "ctx_init": _PHOTO_CTX},
+               source="CoOp (Zhou et al., 2022): SGD lr 0.002, context from 'a photo of a'")  # fmt: skip
+_MAPLE = Recipe({**_AUGMENT, "lr": 0.0035, "warmup_epochs": 1, "warmup_lr": 1e-5}, {"ctx_init": _PHOTO_CTX},
+                source="MaPLe (Khattak et al., 2023): SGD lr 0.0035, 1 warm-up epoch at 1e-5, "
+                       "first-layer context from 'a photo'")  # fmt: skip
+_VPT = Recipe({**_AUGMENT, "lr": 0.0035}, source="VPT-deep prompts with the shared SGD recipe")
+_SHARED = Recipe(_AUGMENT, source="the MmAP paper's SGD recipe (lr 0.0035)")
+
+RECIPES: dict[str, Recipe] = {
+    "full_ft": _FULL_FT,
+    "full_ft_mt": _FULL_FT,
+    "coop": _COOP,
+    "coop_mt": _COOP,
+    "maple": _MAPLE,
+    "maple_mt": _MAPLE,
+    "vpt": _VPT,
+    "vpt_mt": _VPT,
+    "clip_adapter": Recipe({**_AUGMENT, "lr": 0.002}, source="CLIP-Adapter (Gao et al., 2021), SGD"),
+    "bitfit": _SHARED,
+    "mmap": _SHARED,
+    "mmap_task_only": _SHARED,
+    "mmap_group_only": _SHARED,
+    "mmap_one_group": _SHARED,
+    "mmap_random_groups": _SHARED,
+    "joint_prompts": _SHARED,
+    "mlp_prompts": _SHARED,
+}
