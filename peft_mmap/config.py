@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
+from .files import check_safetensors, new_file_mode
 from .registration import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
@@ -14,11 +18,37 @@ from .registration import MMAP_PEFT_TYPE
 CLIP_ENCODER_LAYERS = r"(.*\.)?encoder\.layers\.\d+"
 
 SCALE_INITS = ("ones", "normal", "zeros")
+TOWERS = ("text", "vision")
+TOWER_SIZE_KEYS = ("hidden_size", "num_layers")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_positive_int(value):
         raise ValueError(f"MmAPConfig.{name} must be a positive int, got {value!r}.")
+
+
+def _check_tower_sizes(sizes: object) -> None:
+    """``None`` or ``{tower: {"hidden_size": int > 0, "num_layers": int > 0}}`` for one or both towers."""
+    if sizes is None:
+        return
+    valid = (
+        isinstance(sizes, dict)
+        and sizes
+        and set(sizes) <= set(TOWERS)
+        and all(
+            isinstance(v, dict) and set(v) == set(TOWER_SIZE_KEYS) and all(map(_is_positive_int, v.values()))
+            for v in sizes.values()
+        )
+    )
+    if not valid:
+        raise ValueError(
+            "MmAPConfig.tower_sizes must be None or a mapping from 'text'/'vision' to "
+            f"{{'hidden_size': int, 'num_layers': int}} (positive ints), got {sizes!r}."
+        )
 
 
 @dataclass
@@ -31,16 +61,20 @@ class MmAPConfig(PeftConfig):
     ``(b, d_v)``. Parameters per adapter: ``depth * (m*n + (b/m)*(d_l/n) + (b/m)*(d_v/n))``.
 
     Sizes that depend on the model (``d_l % n``, ``d_v % n``, ``depth <= layers``) are checked when the
-    adapter is injected.
+    adapter is injected, which also records the model's tower sizes in ``tower_sizes``. `to_dict` gives
+    exactly the JSON written to ``adapter_config.json`` (lists, never tuples or sets).
     """
 
     prompt_length: int = field(
         default=4,
         metadata={"help": "b: prompt tokens per layer and tower; must be divisible by source_shape[0]."},
     )
-    source_shape: tuple[int, int] = field(
-        default=(2, 8),
-        metadata={"help": "(m, n): shape of each layer's source prompt; n must divide both hidden sizes."},
+    source_shape: list[int] = field(
+        default_factory=lambda: [2, 8],
+        metadata={
+            "help": "[m, n]: shape of each layer's source prompt; n must divide both hidden sizes. A tuple is "
+            "accepted and stored as a list (the JSON form)."
+        },
     )
     depth: int | None = field(
         default=None,
@@ -67,6 +101,16 @@ class MmAPConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save, as in other PEFT methods."}
     )
+    tower_sizes: dict[str, dict[str, int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is injected: the CLIP towers of that model with their hidden size "
+            "and number of layers, e.g. {'text': {'hidden_size': 512, 'num_layers': 12}, 'vision': "
+            "{'hidden_size': 768, 'num_layers': 12}}; saved in adapter_config.json. Loading the adapter onto a "
+            "model with other sizes is refused before the model is changed. None (configs saved before this "
+            "field existed) skips this check; the shapes of the saved weights are still checked."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,7 +119,7 @@ class MmAPConfig(PeftConfig):
         shape = self.source_shape
         if not isinstance(shape, (tuple, list)) or len(shape) != 2:
             raise ValueError(f"MmAPConfig.source_shape must be a pair (m, n), got {shape!r}.")
-        self.source_shape = (shape[0], shape[1])
+        self.source_shape = [shape[0], shape[1]]
         _check_positive_int(shape[0], "source_shape[0] (m)")
         _check_positive_int(shape[1], "source_shape[1] (n)")
         if self.prompt_length % shape[0]:
@@ -95,3 +139,36 @@ class MmAPConfig(PeftConfig):
             raise ValueError(f"MmAPConfig.scale_init must be one of {SCALE_INITS}, got {self.scale_init!r}.")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        _check_tower_sizes(self.tower_sizes)
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (sets as sorted lists): exactly what ``adapter_config.json`` holds."""
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``adapter_config.json`` (PEFT's writer) and give the folder's weights normal permissions.
+
+        ``PeftModel.save_pretrained`` calls this right after writing ``adapter_model.safetensors``, which
+        safetensors creates with mode ``0o600`` (its own temporary file); it then gets the mode of any new file
+        (``0o644`` under umask ``022``).
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        weights = Path(save_directory, SAFETENSORS_WEIGHTS_NAME)
+        if weights.is_file():
+            weights.chmod(new_file_mode(save_directory))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> MmAPConfig:
+        """Load ``adapter_config.json`` (PEFT's loader); in a local folder, also validate the weights file.
+
+        ``PeftModel.from_pretrained`` and ``load_adapter`` call this before PEFT reads
+        ``adapter_model.safetensors``; checking the file's header here turns a truncated or corrupted file into
+        a ``ValueError`` that names it, instead of safetensors' bare "Error while deserializing header".
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        if weights.is_file():
+            check_safetensors(weights, "MmAP adapter weights file")
+        return config

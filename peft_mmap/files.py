@@ -1,7 +1,12 @@
 """Safe file handling: atomic writes and file-name checks.
 
 Every file the library writes (adapters, manifests, checkpoints, split files, results) goes through
-:func:`atomic_write`, so a crash or ``kill -9`` mid-write leaves the previous version intact.
+:func:`atomic_write`, so a crash or ``kill -9`` mid-write leaves the previous version intact. Temporary
+files and folders are created with mode ``0o666``/``0o777`` filtered by the process umask (not the ``0o600``/
+``0o700`` of ``tempfile``), and a writer that replaces the temporary file with its own (safetensors saves
+through a ``0o600`` temporary file) has its mode reset before the rename, so what the library writes gets
+the permissions of any other new file (``0o644``/``0o755`` under umask ``022``) and stays readable by the
+other users of a shared cache.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -41,19 +48,62 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(handle.fileno())
 
 
+def _create_unique(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """``create(parent / (prefix + random + suffix))`` for a name that does not exist yet; returns the path."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"Could not create a unique temporary name {prefix}*{suffix} in {parent}.")
+
+
+def make_temp_file(parent: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """Create a new empty file ``parent/<prefix><random><suffix>`` with umask-normal permissions."""
+
+    def create(candidate: Path) -> None:
+        os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+    return _create_unique(Path(parent), prefix, suffix, create)
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
+    """Create a new empty folder ``parent/<prefix><random><suffix>`` with umask-normal permissions."""
+    return _create_unique(Path(parent), prefix, suffix, lambda candidate: candidate.mkdir(0o777))
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def new_file_mode(directory: str | os.PathLike) -> int:
+    """The permission bits a new file in ``directory`` gets (``0o666`` filtered by the umask), read from a
+    probe file without changing the process umask."""
+    probe = make_temp_file(directory, prefix=".mode-probe.")
+    try:
+        return _mode(probe)
+    finally:
+        probe.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    The temporary file is created with umask-normal permissions, which ``path`` gets after the rename even
+    if the writer replaced the temporary file with one of its own. On any exception the temporary file is
+    removed and ``path`` is left untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = make_temp_file(target.parent, prefix=f".{target.name}.")
+    mode = _mode(tmp)
     try:
         yield tmp
+        if _mode(tmp) != mode:
+            tmp.chmod(mode)
         fsync_file(tmp)
         os.replace(tmp, target)
     finally:
@@ -93,12 +143,29 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
         raise ValueError(f"{what} {p} is not valid JSON: {err}") from err
 
 
-def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """Read a safetensors file (never pickle) with a clear error for a missing, truncated or corrupted file."""
+def _read_safetensors(path: str | os.PathLike, what: str, read: Callable[[Path], Any]) -> Any:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")
     try:
-        return load_file(p)
+        return read(p)
     except Exception as err:  # safetensors raises several error types for damaged files
         raise ValueError(f"{what} {p} is truncated, corrupted or not a safetensors file: {err}") from err
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle) with a clear error for a missing, truncated or corrupted file."""
+    return _read_safetensors(path, what, load_file)
+
+
+def check_safetensors(path: str | os.PathLike, what: str = "weights file") -> list[str]:
+    """Validate a safetensors file's header and layout without reading the tensors; returns its keys.
+
+    Raises the same errors as `load_safetensors` (naming the file) for a missing, truncated or corrupted file.
+    """
+
+    def keys(p: Path) -> list[str]:
+        with safe_open(p, framework="pt") as handle:
+            return list(handle.keys())
+
+    return _read_safetensors(path, what, keys)

@@ -196,7 +196,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         else:
             nn.init.normal_(scale)
         weight = next(self.base_layer.parameters())
-        self.mmap_scale[adapter_name] = nn.Parameter(scale.to(device=weight.device))
+        dtype = weight.dtype if weight.is_floating_point() else None  # PEFT upcasts unless autocast is off
+        self.mmap_scale[adapter_name] = nn.Parameter(scale.to(device=weight.device, dtype=dtype))
         self.set_adapter(self.active_adapters)
 
     def layer_prompt(self, adapter_name: str) -> torch.Tensor:

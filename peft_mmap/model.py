@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,11 +13,14 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 from transformers import CLIPTextModel, CLIPVisionModel
 
-from .config import CLIP_ENCODER_LAYERS, MmAPConfig
+from .config import CLIP_ENCODER_LAYERS, TOWERS, MmAPConfig
 from .files import check_safe_name
 from .layer import MmAPLayer, MmAPSharedState, RouteSlot, Tower
 
 _RESERVED_NAMES = {"base_layer", "model", "mmap_source", "mmap_scale", "base_model"}
+
+#: Per adapter, its parameters (scaling matrices and source prompts) with their ``requires_grad``.
+Trainability = dict[str, list[tuple[nn.Parameter, bool]]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,33 @@ def find_towers(model: nn.Module) -> dict[str, TowerInfo]:
             f"CLIPVisionModel[WithProjection]); found no CLIP encoder in {type(model).__name__}."
         )
     return towers
+
+
+def tower_sizes(towers: dict[str, TowerInfo]) -> dict[str, dict[str, int]]:
+    """``{tower: {"hidden_size": d, "num_layers": L}}`` of a model's towers, as `MmAPConfig.tower_sizes` records it."""
+    return {t.tower: {"hidden_size": t.hidden_size, "num_layers": t.num_layers} for t in towers.values()}
+
+
+def describe_sizes(sizes: dict[str, dict[str, int]]) -> str:
+    """``"text hidden 64 / vision hidden 96 / 4 layers"`` (layers per tower when they differ)."""
+    present = [tower for tower in TOWERS if tower in sizes]
+    layers = {sizes[tower]["num_layers"] for tower in present}
+    if len(layers) == 1:
+        parts = [f"{t} hidden {sizes[t]['hidden_size']}" for t in present] + [f"{layers.pop()} layers"]
+    else:
+        parts = [f"{t} hidden {sizes[t]['hidden_size']}, {sizes[t]['num_layers']} layers" for t in present]
+    return " / ".join(parts + [f"no {tower} tower" for tower in TOWERS if tower not in sizes])
+
+
+def check_tower_sizes(config: MmAPConfig, sizes: dict[str, dict[str, int]], adapter_name: str) -> None:
+    """Refuse a model whose tower sizes differ from those the adapter recorded (``config.tower_sizes``)."""
+    if config.tower_sizes is None or config.tower_sizes == sizes:
+        return
+    base = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+    raise ValueError(
+        f"MmAP adapter {adapter_name!r} was saved for a CLIP model{base} with {describe_sizes(config.tower_sizes)}; "
+        f"this model has {describe_sizes(sizes)}. Load it onto the base model it was trained on."
+    )
 
 
 def resolve_depth(config: MmAPConfig, towers: dict[str, TowerInfo]) -> int:
@@ -80,6 +111,7 @@ class MmAPModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: MmAPConfig, adapter_name: str) -> None:
         self.mmap_source = nn.ParameterDict()
         self._mmap_shared = MmAPSharedState(source=self.mmap_source)
+        self._trainability_before_disable: Trainability | None = None  # set while adapters are disabled
 
     def _check_adapter_name(self, model: nn.Module, adapter_name: str) -> None:
         """Refuse names peft's key filtering or our folder layout cannot handle."""
@@ -95,16 +127,31 @@ class MmAPModel(BaseTuner):
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, **kwargs
     ) -> None:
-        """Validate name and config, create the adapter's source prompts, then wrap/update the layers."""
+        """Validate name, config and recorded sizes, create the source prompts, then wrap/update the layers.
+
+        Every check runs before the model is changed. A config without ``tower_sizes`` is copied and the
+        copy records this model's sizes (the caller's object is left as it was, so it can be reused).
+        Parameters are created in the base model's dtype (PEFT's ``_cast_adapter_dtype`` then upcasts them
+        unless ``autocast_adapter_dtype=False``). The trainability of the other adapters is left as it was;
+        the new adapter is trainable iff it is active and its config is not in inference mode (as in PEFT).
+        """
         config: MmAPConfig = self.peft_config[adapter_name]
         self._check_adapter_name(model, adapter_name)
         towers = find_towers(model)
+        sizes = tower_sizes(towers)
+        check_tower_sizes(config, sizes, adapter_name)
         depth = resolve_depth(config, towers)
+        if config.tower_sizes is None:
+            config = copy.copy(config)
+            config.tower_sizes = sizes
+            self.peft_config[adapter_name] = config
         m, n = config.source_shape
-        device = next(model.parameters()).device
-        self.mmap_source[adapter_name] = nn.Parameter(
-            torch.randn(depth, m, n, device=device) * config.init_std
-        )
+        weight = next(model.parameters())
+        dtype = weight.dtype if weight.is_floating_point() else None
+        source = torch.randn(depth, m, n, device=weight.device) * config.init_std
+        existing = {name: p.requires_grad for name, p in self.mmap_source.items()}
+        saved = self._trainability_before_disable  # PEFT's housekeeping calls set_adapter, which drops it
+        self.mmap_source[adapter_name] = nn.Parameter(source.to(dtype))
         self._mmap_shared.prompt_lengths[adapter_name] = config.prompt_length
         self._mmap_shared.depths[adapter_name] = depth
         try:
@@ -114,8 +161,10 @@ class MmAPModel(BaseTuner):
         except Exception:
             self._forget_adapter(adapter_name)
             raise
-        self._mmap_layers = []
-        self._sync_source_requires_grad(inference_mode=config.inference_mode)
+        for name, requires_grad in existing.items():
+            self.mmap_source[name].requires_grad_(requires_grad)
+        self._sources_follow_scales([adapter_name])
+        self._trainability_before_disable = saved
 
     def _forget_adapter(self, adapter_name: str) -> None:
         del self.mmap_source[adapter_name]
@@ -153,16 +202,25 @@ class MmAPModel(BaseTuner):
         )
         layer.update_layer(adapter_name, peft_config, depth)
         self._replace_module(parent, target_name, layer, target)
+        self._mmap_layers = []
 
     # ---- activation and trainability -------------------------------------------------------------
-    def _sync_source_requires_grad(self, inference_mode: bool = False) -> None:
-        """Source prompts follow the layers: trainable iff their adapter is active and adapters are enabled."""
-        enabled = not self._adapters_disabled()
-        for name, param in self.mmap_source.items():
-            param.requires_grad_(enabled and not inference_mode and name in self.active_adapters)
+    def _sources_follow_scales(self, names: Iterable[str] | None = None) -> None:
+        """Give each adapter's source prompts the trainability PEFT gave its scaling matrices."""
+        trainable: dict[str, bool] = {}
+        for layer in self._layers():
+            for name, scale in layer.mmap_scale.items():
+                trainable[name] = trainable.get(name, False) or scale.requires_grad
+        for name in self.mmap_source if names is None else names:
+            self.mmap_source[name].requires_grad_(trainable.get(name, False))
 
-    def _adapters_disabled(self) -> bool:
-        return any(layer.disable_adapters for layer in self._layers())
+    def _trainability(self) -> Trainability:
+        """Every adapter parameter with its current ``requires_grad``, by adapter."""
+        state: Trainability = {name: [(p, p.requires_grad)] for name, p in self.mmap_source.items()}
+        for layer in self._layers():
+            for name, scale in layer.mmap_scale.items():
+                state.setdefault(name, []).append((scale, scale.requires_grad))
+        return state
 
     def _layers(self) -> list[MmAPLayer]:
         if not getattr(self, "_mmap_layers", None):
@@ -191,25 +249,71 @@ class MmAPModel(BaseTuner):
         self.active_adapter = names
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Activate one adapter or several (their prompts are concatenated in the given order)."""
+        """Activate one adapter or several (their prompts are concatenated in the given order).
+
+        As in PEFT, the chosen adapters become trainable (frozen with ``inference_mode=True``) and all others
+        frozen.
+        """
         self._check_known([adapter_name] if isinstance(adapter_name, str) else adapter_name)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._sync_source_requires_grad(inference_mode=inference_mode)
+        self._sources_follow_scales()
+        self._trainability_before_disable = None
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
-        self._sync_source_requires_grad()
+        """Disabling freezes every adapter, as in PEFT; enabling restores each adapter parameter's
+        ``requires_grad`` from before the adapters were disabled, so a model loaded for inference stays frozen.
+
+        (PEFT's LoRA makes the active adapters trainable when they are enabled again, even after loading with
+        ``is_trainable=False``: huggingface/peft#3447, kept there for backward compatibility.)
+        """
+        saved = self._trainability_before_disable
+        if enabled:  # adapters added or set trainable while disabled keep their current state
+            state = {**self._trainability(), **(saved or {})}
+            super()._enable_adapter_layers(True)
+            for params in state.values():
+                for param, requires_grad in params:
+                    param.requires_grad_(requires_grad)
+            self._trainability_before_disable = None
+            return
+        if saved is None:  # disabling twice keeps the state from before the first time
+            self._trainability_before_disable = self._trainability()
+        super()._enable_adapter_layers(False)
+        for source in self.mmap_source.values():
+            source.requires_grad_(False)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make the named adapters trainable or frozen (all their parameters); the others are left as they are."""
         super().set_requires_grad(adapter_names, requires_grad)
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        saved = self._trainability_before_disable
         for name in names & set(self.mmap_source):
             self.mmap_source[name].requires_grad_(requires_grad)
+            if saved is not None:  # an explicit choice while disabled is kept when enabling again
+                saved.pop(name, None)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         self._forget_adapter(adapter_name)
-        self._sync_source_requires_grad()
+        if self._trainability_before_disable is not None:
+            self._trainability_before_disable.pop(adapter_name, None)
+        if was_active:  # PEFT re-activated the remaining adapters, which sets their trainability
+            self._sources_follow_scales()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of fp16/bf16 adapter weights to fp32 (unless ``autocast_adapter_dtype=False``),
+        extended to the source prompts on the tuner; every parameter keeps its ``requires_grad``."""
+        layers = [layer for layer in self._layers() if adapter_name in layer.mmap_scale]
+        flags = [layer.mmap_scale[adapter_name].requires_grad for layer in layers]
+        super()._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for layer, requires_grad in zip(layers, flags, strict=True):
+            layer.mmap_scale[adapter_name].requires_grad_(requires_grad)
+        source = self.mmap_source[adapter_name]
+        dtype = layers[0].mmap_scale[adapter_name].dtype if layers else source.dtype
+        if source.dtype != dtype:
+            self.mmap_source[adapter_name] = nn.Parameter(
+                source.detach().to(dtype), requires_grad=source.requires_grad
+            )
 
     @contextlib.contextmanager
     def adapter_routes(self, routes: Sequence[Sequence[str]]) -> Iterator[None]:
@@ -297,7 +401,7 @@ class MmAPModel(BaseTuner):
         )
 
     def unload(self) -> nn.Module:
-        """Remove every MmAP layer and return the untouched base CLIP model."""
+        """Remove every MmAP layer and return the untouched base CLIP model (without a ``peft_config``)."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MmAPLayer):
                 parent_name, _, child_name = name.rpartition(".")
@@ -306,6 +410,9 @@ class MmAPModel(BaseTuner):
         for adapter_name in list(self.mmap_source):
             self._forget_adapter(adapter_name)
         self._mmap_layers = []
+        self._trainability_before_disable = None
+        if hasattr(self.model, "peft_config"):  # as PEFT's own unload: the model is a plain CLIP model again
+            del self.model.peft_config
         return self.model
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:

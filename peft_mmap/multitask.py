@@ -17,7 +17,7 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedToke
 
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
 from .config import MmAPConfig
-from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, read_json
+from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, make_temp_dir, read_json
 from .hub import save_model_card
 
 MANIFEST_NAME = "mmap_manifest.json"
@@ -143,7 +143,6 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         from . import __version__
 
         config = self.config.to_dict()
-        config["source_shape"] = list(config["source_shape"])
         config.pop("target_modules", None)
         return {
             "format": MANIFEST_FORMAT,
@@ -175,7 +174,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=STAGING_PREFIX))
+        staging = make_temp_dir(directory, prefix=STAGING_PREFIX)
         files = [f"{name}/{file}" for name in self.adapter_names for file in ADAPTER_FILES]
         files += ["README.md", MANIFEST_NAME]
         try:
@@ -259,12 +258,17 @@ class MultiTaskMmAP(CLIPTaskClassifier):
                 raise ValueError("The manifest names no base model: pass `tokenizer=` explicitly.")
             tokenizer = CLIPTokenizer.from_pretrained(base_id)
         tasks = [TaskSpec(t["name"], t["classnames"], t["template"]) for t in manifest["tasks"]]
+        # The base sizes the adapters were saved for: a CLIP of other sizes is refused before it is wrapped.
+        config_path = folder / manifest["adapters"][0] / ADAPTER_FILES[0]
+        saved = read_json(config_path, "MmAP adapter config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"MmAP adapter config {config_path} must hold a JSON object, got {saved!r}.")
         model = cls(
             clip,
             tokenizer,
             tasks,
             manifest["groups"] or None,
-            MmAPConfig(**manifest["mmap_config"]),
+            MmAPConfig(**manifest["mmap_config"], tower_sizes=saved.get("tower_sizes")),
             task_adapters=manifest["task_adapters"],
             base_model_id=base_id,
         )

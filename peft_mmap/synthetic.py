@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from peft_mmap.files import atomic_write_json, check_safe_name, read_json
+from peft_mmap.files import atomic_write_json, check_safe_name, make_temp_dir, read_json
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -701,7 +700,7 @@ def generate_benchmark(
         except ValueError:
             pass
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    staging = make_temp_dir(root.parent, prefix=f".{root.name}.", suffix=".tmp")
     try:
         for domain in chosen_domains:
             for class_name in chosen_classes:

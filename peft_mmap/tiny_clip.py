@@ -405,5 +405,3 @@ def _save(model: CLIPModel, processor: CLIPProcessor, output_dir: Path, report: 
         for file in sorted(Path(tmp).iterdir()):
             atomic_write(output_dir / file.name, lambda dst, src=file: dst.write_bytes(src.read_bytes()))
     atomic_write_json(output_dir / "pretraining.json", report)
-    for file in output_dir.iterdir():
-        file.chmod(0o644)  # package data must be world-readable (temporary files are created 0600)

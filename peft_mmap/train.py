@@ -27,7 +27,11 @@ Checkpoints (``output_dir/checkpoint/``, no pickle anywhere)
     (position, config, optimizer hyper-parameters and scalar state, LR-schedule position, GradScaler state,
     python/numpy RNG states). A new checkpoint is written to ``checkpoint.new/`` and swapped in, so a crash
     leaves the previous one usable. ``resume=True`` continues bit-identically to an uninterrupted run, also
-    from the mid-epoch checkpoint written when SIGINT/SIGTERM stops training.
+    from the mid-epoch checkpoint written when SIGINT/SIGTERM stops training, when it runs with the same
+    torch build, device type and ``torch.get_num_threads()`` as the run that wrote the checkpoint: CPU
+    kernels split their floating-point sums by thread count, so another count changes the last bits of
+    every step. The checkpoint records the three (``trainer_state.json``: ``"reproducibility"``) and a
+    resume under other values logs a warning; it then continues correctly and agrees to float rounding.
 """
 
 from __future__ import annotations
@@ -340,6 +344,28 @@ def _jsonable(value: object) -> object:
     return value
 
 
+def _reproducibility(device: torch.device) -> dict[str, object]:
+    """What a bit-identical resume needs unchanged besides the checkpoint (see the module docstring)."""
+    return {"torch": torch.__version__, "device": device.type, "num_threads": torch.get_num_threads()}
+
+
+def _warn_if_not_reproducible(folder: Path, saved: object, device: torch.device) -> None:
+    if not isinstance(saved, dict):  # a checkpoint written before these were recorded
+        return
+    now = _reproducibility(device)
+    changed = [
+        f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value
+    ]
+    if changed:
+        logger.warning(
+            "Resuming from %s with another %s: training continues correctly, but not bit-identically to an "
+            "uninterrupted run (floating-point sums are split differently). Resume with the checkpoint's "
+            "settings (e.g. torch.set_num_threads) for an exact continuation.",
+            folder,
+            ", ".join(changed),
+        )
+
+
 def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """Python/numpy states as JSON, torch states as tensors."""
     np_state = np.random.get_state()
@@ -573,7 +599,9 @@ def _train(
     epoch, start_step, global_step = 0, 0, 0
 
     if checkpoint is not None:
-        epoch, start_step, global_step = _restore(checkpoint, config, tasks, spe, params, optimizer, scaler)
+        epoch, start_step, global_step = _restore(
+            checkpoint, config, tasks, spe, params, optimizer, scaler, device
+        )
         logger.info("Resuming from %s at epoch %d, step %d.", checkpoint, epoch + 1, start_step + 1)
 
     step_module: nn.Module = _TaskLosses(model)
@@ -613,6 +641,7 @@ def _train(
             "scheduler": {"name": config.scheduler, "global_step": global_step},
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_json,
+            "reproducibility": _reproducibility(device),
         }
         last_checkpoint = _write_checkpoint(out, params, payload, {**tensors, **rng_tensors})
 
@@ -744,8 +773,13 @@ def _restore(
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
+    device: torch.device,
 ) -> tuple[int, int, int]:
-    """Load a checkpoint into the model/optimizer/RNGs; returns ``(epoch, step_in_epoch, global_step)``."""
+    """Load a checkpoint into the model/optimizer/RNGs; returns ``(epoch, step_in_epoch, global_step)``.
+
+    Logs a warning when ``device`` or this process's torch build or thread count differ from the run that
+    wrote the checkpoint (the continuation is then not bit-identical; see the module docstring).
+    """
     payload, weights, tensors = _read_checkpoint(folder)
     saved = payload["config"]
     changed = sorted(
@@ -770,4 +804,5 @@ def _restore(
     if scaler is not None and payload["grad_scaler"] is not None:
         scaler.load_state_dict(payload["grad_scaler"])
     _set_rng_state(payload["rng"], tensors)
+    _warn_if_not_reproducible(folder, payload.get("reproducibility"), device)
     return payload["epoch"], payload["step_in_epoch"], payload["global_step"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +119,25 @@ def make_workspace(root, tokenizer):
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory, tokenizer):
     return make_workspace(tmp_path_factory.mktemp("workspace"), tokenizer)
+
+
+@contextlib.contextmanager
+def process_umask(mask: int) -> Iterator[int]:
+    """Run the block under umask ``mask`` (restored afterwards)."""
+    previous = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(previous)
+
+
+def assert_umask_modes(root: Path, mask: int) -> int:
+    """Every folder and file under ``root`` (included) has the mode a new one gets under ``mask``:
+    ``0o777 & ~mask`` for folders, ``0o666 & ~mask`` for files. Returns how many files were checked."""
+    files = 0
+    for path in [root, *sorted(root.rglob("*"))]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert mode == expected, f"{path}: mode {mode:04o}, expected {expected:04o} under umask {mask:03o}"
+        files += path.is_file()
+    return files

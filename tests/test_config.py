@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import make_clip
 from hypothesis import given, settings
@@ -22,6 +24,11 @@ from peft_mmap import MmAPConfig
         ({"init_std": -1.0}, "init_std must be a positive float, got -1.0"),
         ({"scale_init": "uniform"}, "scale_init must be one of"),
         ({"prompt_length": 4.0}, "prompt_length must be a positive int, got 4.0"),
+        ({"tower_sizes": {}}, "tower_sizes must be None or a mapping"),
+        ({"tower_sizes": {"audio": {"hidden_size": 8, "num_layers": 2}}}, "tower_sizes must be None"),
+        ({"tower_sizes": {"text": {"hidden_size": 8}}}, "tower_sizes must be None"),
+        ({"tower_sizes": {"text": {"hidden_size": 8, "num_layers": 0}}}, "tower_sizes must be None"),
+        ({"tower_sizes": [["text", 8, 2]]}, "tower_sizes must be None"),
     ],
 )
 def test_bad_values_are_refused(kwargs, match):
@@ -36,13 +43,39 @@ def test_sizes_are_checked_against_the_model():
         get_peft_model(make_clip(), MmAPConfig(depth=4))
 
 
-def test_json_round_trip_keeps_tuple_shape(tmp_path):
-    config = MmAPConfig(prompt_length=6, source_shape=(3, 4), depth=2, scale_init="normal")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"prompt_length": 6, "source_shape": (3, 4), "depth": 2, "scale_init": "normal"},
+        {
+            "source_shape": [2, 8],
+            "target_modules": ["vision_model.encoder.layers.1", "text_model.encoder.layers.0"],
+        },
+        {"tower_sizes": {"vision": {"hidden_size": 48, "num_layers": 3}}, "inference_mode": True},
+    ],
+    ids=["defaults", "tuple-shape", "module-list", "tower-sizes"],
+)
+def test_to_dict_equals_the_json_written_and_read_back(tmp_path, kwargs):
+    """As PEFT's config tests: ``to_dict()`` is JSON-natural (lists, no tuples or sets) and survives a
+    save/load round trip unchanged."""
+    config = MmAPConfig(**kwargs)
+    as_dict = config.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    assert isinstance(as_dict["source_shape"], list) and isinstance(config.source_shape, list)
     config.save_pretrained(tmp_path)
-    loaded = PeftConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, MmAPConfig)
-    assert loaded.source_shape == (3, 4) and loaded.depth == 2 and loaded.scale_init == "normal"
-    assert loaded.peft_type == "MMAP"
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == as_dict
+    for loaded in (MmAPConfig.from_pretrained(tmp_path), PeftConfig.from_pretrained(tmp_path)):
+        assert isinstance(loaded, MmAPConfig) and loaded.peft_type == "MMAP"
+        assert loaded.to_dict() == as_dict
+
+
+def test_the_config_peft_saves_for_a_model_reads_back_unchanged(tmp_path):
+    model = get_peft_model(make_clip(), MmAPConfig(prompt_length=6, source_shape=(3, 8)), adapter_name="task")
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
+    assert MmAPConfig.from_pretrained(tmp_path / "task").to_dict() == written
+    assert written["source_shape"] == [3, 8]
 
 
 @pytest.mark.parametrize("name", ["encoder", "0", "layers", "a.b", "a/b", "", "..", "/abs", "mmap_source"])

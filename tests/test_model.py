@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from conftest import LAYERS, TEXT_HIDDEN, VISION_HIDDEN, make_clip, tiny_clip_config
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
     CLIPTextModel,
@@ -142,8 +143,14 @@ def test_unload_returns_the_untouched_base_model(clip, batch):
     _randomise(model)
     base = model.unload()
     assert not any(isinstance(m, MmAPLayer) for m in base.modules())
+    assert not hasattr(base, "peft_config")  # as PEFT's unload: a plain transformers model again
     assert base.state_dict().keys() == base_state.keys()
     assert torch.equal(base(**batch).logits_per_image, expected)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rewrapped = get_peft_model(base, CFG, adapter_name="again")
+    assert not [w for w in caught if "peft_config" in str(w.message)]
+    assert list(rewrapped.peft_config) == ["again"]
 
 
 def test_merge_is_refused_with_a_clear_error(clip):
@@ -204,46 +211,324 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
         pass
 
 
-@pytest.mark.parametrize(
-    ("target", "match"),
-    [
-        (
-            lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}),
-            "unexpected weight",
-        ),
-        (
-            lambda: make_clip(text={"hidden_size": 64, "intermediate_size": 64}),
-            r"checkpoint \(2, 4\) vs model \(2, 8\)",
-        ),
-        (lambda: CLIPVisionModel(tiny_clip_config().vision_config), "unexpected weight .*text_model"),
-    ],
-    ids=["fewer-layers", "wider-text", "vision-only"],
-)
-def test_loading_onto_another_architecture_fails_cleanly(clip, tmp_path, target, match):
-    get_peft_model(clip, CFG, adapter_name="a").save_pretrained(tmp_path)
+SAVED_FOR = "was saved for a CLIP model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
+OTHER_BASES = {
+    "fewer-layers": (
+        lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}),
+        "text hidden 32 / vision hidden 48 / 2 layers",
+        "unexpected weight",
+    ),
+    "wider-text": (
+        lambda: make_clip(text={"hidden_size": 64, "intermediate_size": 64}),
+        "text hidden 64 / vision hidden 48 / 3 layers",
+        r"checkpoint \(2, 4\) vs model \(2, 8\)",
+    ),
+    "deeper-vision": (
+        lambda: make_clip(vision={"num_hidden_layers": 4}),
+        "text hidden 32, 3 layers / vision hidden 48, 4 layers",
+        None,  # every weight fits (depth 3 <= 3 text layers): only the recorded sizes tell
+    ),
+    "vision-only": (
+        lambda: CLIPVisionModel(tiny_clip_config().vision_config),
+        "vision hidden 48 / 3 layers / no text tower",
+        "unexpected weight .*text_model",
+    ),
+}
+
+
+def _forget_tower_sizes(folder):
+    """Turn a saved adapter into one saved before `MmAPConfig.tower_sizes` existed."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["tower_sizes"]
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", list(OTHER_BASES))
+def test_loading_onto_another_base_is_refused_naming_its_sizes(clip, tmp_path, case):
+    target, sizes, _ = OTHER_BASES[case]
+    get_peft_model(clip, CFG, adapter_name="one").save_pretrained(tmp_path)
     base = target()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
-        PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a")
+    with pytest.raises(ValueError, match=f"MmAP adapter 'one' {SAVED_FOR}{sizes}\\."):
+        PeftModel.from_pretrained(base, tmp_path / "one", adapter_name="one")
     assert not any(isinstance(m, MmAPLayer) for m in base.modules())
+    assert not hasattr(base, "peft_config")
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
+@pytest.mark.parametrize("case", list(OTHER_BASES))
+def test_configs_without_tower_sizes_still_load_and_are_checked_by_shape(clip, batch, tmp_path, case):
+    target, _, shape_problem = OTHER_BASES[case]
+    model = get_peft_model(clip, CFG, adapter_name="one")
+    _randomise(model)
+    model.save_pretrained(tmp_path)
+    _forget_tower_sizes(tmp_path / "one")
+    loaded = PeftModel.from_pretrained(make_clip(), tmp_path / "one", adapter_name="one")
+    torch.testing.assert_close(loaded(**batch).logits_per_image, model(**batch).logits_per_image)
+    base = target()
+    if shape_problem is None:  # the weights fit: an old config cannot tell this base from the right one
+        PeftModel.from_pretrained(base, tmp_path / "one", adapter_name="one")
+        return
+    with pytest.raises(ValueError, match=f"does not fit this base model .*({shape_problem})"):
+        PeftModel.from_pretrained(base, tmp_path / "one", adapter_name="one")
+    assert not any(isinstance(m, MmAPLayer) for m in base.modules())
+
+
+def test_injection_records_the_tower_sizes_and_leaves_the_callers_config_alone(tmp_path):
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8))
+    model = get_peft_model(make_clip(), config, adapter_name="one")
+    model.save_pretrained(tmp_path)
+    expected = {
+        "text": {"hidden_size": TEXT_HIDDEN, "num_layers": LAYERS},
+        "vision": {"hidden_size": VISION_HIDDEN, "num_layers": LAYERS},
+    }
+    assert model.peft_config["one"].tower_sizes == expected
+    assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["tower_sizes"] == expected
+    assert config.tower_sizes is None  # the same config object still fits other models
+    vision_only = get_peft_model(CLIPVisionModel(tiny_clip_config().vision_config), config)
+    assert vision_only.peft_config["default"].tower_sizes == {"vision": expected["vision"]}
+
+
 def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
-    small = get_peft_model(make_clip(), MmAPConfig(prompt_length=2, source_shape=(1, 8)), adapter_name="b")
+    small = get_peft_model(make_clip(), MmAPConfig(prompt_length=2, source_shape=(1, 8)), adapter_name="two")
     small.save_pretrained(tmp_path)
     model = _two_adapters(make_clip())
     expected = model(**batch).logits_per_image
-    (tmp_path / "b" / "adapter_config.json").write_text(
-        (tmp_path / "b" / "adapter_config.json")
+    (tmp_path / "two" / "adapter_config.json").write_text(
+        (tmp_path / "two" / "adapter_config.json")
         .read_text()
         .replace('"prompt_length": 2', '"prompt_length": 4')
     )
     with pytest.raises(ValueError, match="does not fit"):
-        model.load_adapter(tmp_path / "b", adapter_name="b")
+        model.load_adapter(tmp_path / "two", adapter_name="two")
     assert sorted(model.peft_config) == ["art", "group0"]
     model.base_model.set_adapter(["group0", "art"])
     torch.testing.assert_close(model(**batch).logits_per_image, expected)
+
+
+def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_path, batch):
+    wide = make_clip(text={"hidden_size": 64, "intermediate_size": 64})
+    get_peft_model(wide, CFG, adapter_name="wide").save_pretrained(tmp_path)
+    model = _two_adapters(make_clip())
+    _randomise(model)
+    expected = model(**batch).logits_per_image
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match="'wide' was saved for a CLIP model with text hidden 64 / vision hidden 48"
+    ):
+        model.load_adapter(tmp_path / "wide", adapter_name="wide")
+    assert sorted(model.peft_config) == ["art", "group0"]
+    assert model.state_dict().keys() == state.keys()
+    torch.testing.assert_close(model(**batch).logits_per_image, expected)
+
+
+# ---- PEFT conformance: the expectations PEFT's own tests check for LoRA --------------------------------
+METHODS = {
+    "lora": lambda: LoraConfig(target_modules=["q_proj", "v_proj"], r=2),
+    "mmap": lambda: MmAPConfig(prompt_length=4, source_shape=(2, 8), scale_init="normal"),
+}
+
+
+def _config(method: str):
+    """A fresh config of ``method`` (LoRA on the same CLIP is the reference for PEFT's expectations)."""
+    return METHODS[method]()
+
+
+def trainable_by_adapter(model) -> dict[str, set[bool]]:
+    """``requires_grad`` of every adapter parameter by adapter name (``{"one": {True}}``: all trainable).
+
+    An adapter parameter is named ``...<lora_X|mmap_X>.<adapter>[...]``; every other parameter must be frozen.
+    """
+    flags: dict[str, set[bool]] = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        owner = next((i for i, part in enumerate(parts[:-1]) if part.startswith(("lora_", "mmap_"))), None)
+        if owner is None:
+            assert not param.requires_grad, f"base parameter {name} is trainable"
+        else:
+            flags.setdefault(parts[owner + 1], set()).add(param.requires_grad)
+    return flags
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    """Adapters ``one`` and ``two`` of each method, saved with PEFT (``<method>/one``, ``<method>/two``)."""
+    root = tmp_path_factory.mktemp("saved")
+    for method in METHODS:
+        model = get_peft_model(make_clip(), _config(method), adapter_name="one")
+        model.add_adapter("two", _config(method))
+        model.save_pretrained(root / method)
+    return root
+
+
+def _load(root, a_trainable, b_trainable):
+    model = PeftModel.from_pretrained(make_clip(), root / "one", adapter_name="one", is_trainable=a_trainable)
+    model.load_adapter(root / "two", adapter_name="two", is_trainable=b_trainable)
+    return model
+
+
+def _add(method, *names):
+    model = get_peft_model(make_clip(), _config(method), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, _config(method))
+    return model
+
+
+def _then(model, *steps):
+    for step in steps:
+        step(model)
+    return model
+
+
+TRAINABILITY = {
+    # name: (build(method, saved folder of the method), expected trainability)
+    "get_peft_model": (lambda m, root: _add(m, "one"), {"one": {True}}),
+    "add_adapter": (lambda m, root: _add(m, "one", "two"), {"one": {True}, "two": {False}}),
+    "add_adapter keeps a frozen adapter frozen": (
+        lambda m, root: _then(
+            _add(m, "one"),
+            lambda x: x.set_requires_grad("one", False),
+            lambda x: x.add_adapter("two", _config(m)),
+        ),
+        {"one": {False}, "two": {False}},
+    ),
+    "add_adapter keeps an inactive trainable adapter trainable": (
+        lambda m, root: _then(
+            _add(m, "one", "two"),
+            lambda x: x.set_requires_grad("two"),
+            lambda x: x.add_adapter("three", _config(m)),
+        ),
+        {"one": {True}, "two": {True}, "three": {False}},
+    ),
+    "load trainable, then frozen": (
+        lambda m, root: _load(root, True, False),
+        {"one": {True}, "two": {False}},
+    ),
+    "load frozen, then trainable": (
+        lambda m, root: _load(root, False, True),
+        {"one": {False}, "two": {True}},
+    ),
+    "load trainable, then trainable": (
+        lambda m, root: _load(root, True, True),
+        {"one": {True}, "two": {True}},
+    ),
+    "load frozen, then frozen": (lambda m, root: _load(root, False, False), {"one": {False}, "two": {False}}),
+    "set_adapter": (
+        lambda m, root: _then(_load(root, True, False), lambda x: x.set_adapter("two")),
+        {"one": {False}, "two": {True}},
+    ),
+    "set_adapter in inference mode": (
+        lambda m, root: _then(
+            _load(root, True, True), lambda x: x.base_model.set_adapter("two", inference_mode=True)
+        ),
+        {"one": {False}, "two": {False}},
+    ),
+    "delete the active adapter": (
+        lambda m, root: _then(_load(root, False, False), lambda x: x.delete_adapter("one")),
+        {"two": {True}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINABILITY))
+def test_trainability_matrix_matches_lora(saved_adapters, case):
+    """Adding, loading, activating or deleting an adapter changes exactly the trainability PEFT's LoRA does:
+    every parameter of the other adapters keeps its ``requires_grad``, ``is_trainable`` applies to the
+    loaded adapter alone, and an adapter's source prompts always follow its scaling matrices."""
+    build, expected = TRAINABILITY[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's note when the active adapter is deleted
+        got = {method: trainable_by_adapter(build(method, saved_adapters / method)) for method in METHODS}
+    assert got["lora"] == expected  # the reference behaviour, on the same CLIP
+    assert got["mmap"] == expected
+
+
+def test_training_after_loading_a_frozen_second_adapter_updates_all_of_the_first(saved_adapters, batch):
+    model = _load(saved_adapters / "mmap", True, False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "mmap_" in n}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        model(**batch).logits_per_image.logsumexp(-1).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        if name in before:
+            moved = not torch.equal(param, before[name])
+            assert moved == name.endswith(".one"), name  # source prompts and scales of one, nothing of two
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_disable_adapter_context_restores_trainability(saved_adapters, batch, is_trainable):
+    """Inside the context nothing is trainable (as LoRA); leaving it restores what was trainable before.
+
+    A model loaded for inference stays frozen. LoRA in peft 0.21 makes its active adapter trainable there
+    (huggingface/peft#3447, kept for backward compatibility); for a trainable model both agree.
+    """
+    base = make_clip()(**batch).logits_per_image
+    model = _load(saved_adapters / "mmap", is_trainable, False)
+    lora = _load(saved_adapters / "lora", is_trainable, False)
+    before = trainable_by_adapter(model)
+    assert before == {"one": {is_trainable}, "two": {False}}
+    with model.disable_adapter(), lora.disable_adapter():
+        assert trainable_by_adapter(model) == trainable_by_adapter(lora) == {"one": {False}, "two": {False}}
+        assert torch.equal(model(**batch).logits_per_image, base)
+    assert trainable_by_adapter(model) == before
+    if is_trainable:
+        assert trainable_by_adapter(lora) == before
+    model.base_model.disable_adapter_layers()
+    model.base_model.disable_adapter_layers()  # twice: the state from before the first time is kept
+    model.base_model.enable_adapter_layers()
+    assert trainable_by_adapter(model) == before
+    model.base_model.enable_adapter_layers()  # enabling enabled adapters changes nothing
+    assert trainable_by_adapter(model) == before
+
+
+def test_trainability_chosen_inside_the_disable_context_is_kept(saved_adapters):
+    model = _load(saved_adapters / "mmap", False, False)
+    with model.disable_adapter():
+        model.set_requires_grad("two")
+    assert trainable_by_adapter(model) == {"one": {False}, "two": {True}}
+    with model.disable_adapter():
+        model.set_adapter("one")
+    assert trainable_by_adapter(model) == {"one": {True}, "two": {False}}
+    with model.disable_adapter():
+        model.add_adapter("three", _config("mmap"))
+    assert trainable_by_adapter(model) == {"one": {True}, "two": {False}, "three": {False}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_adapter_dtype_follows_autocast_adapter_dtype_as_for_lora(saved_adapters, batch, dtype, autocast):
+    """``autocast_adapter_dtype=True`` (default) keeps adapter weights in fp32, False in the base dtype."""
+    expected = torch.float32 if autocast else dtype
+
+    def adapter_dtypes(model):
+        return {p.dtype for n, p in model.named_parameters() if "lora_" in n or "mmap_" in n}
+
+    for method in METHODS:
+        created = get_peft_model(make_clip().to(dtype), _config(method), autocast_adapter_dtype=autocast)
+        created.add_adapter("two", _config(method), autocast_adapter_dtype=autocast)
+        loaded = PeftModel.from_pretrained(
+            make_clip().to(dtype),
+            saved_adapters / method / "one",
+            adapter_name="one",
+            autocast_adapter_dtype=autocast,
+        )
+        loaded.load_adapter(
+            saved_adapters / method / "two", adapter_name="two", autocast_adapter_dtype=autocast
+        )
+        for model in (created, loaded):
+            assert adapter_dtypes(model) == {expected}, method
+            assert {
+                p.dtype for n, p in model.named_parameters() if "lora_" not in n and "mmap_" not in n
+            } == {dtype}
+        assert trainable_by_adapter(created) == {"default": {True}, "two": {False}}, method
+        assert trainable_by_adapter(loaded) == {"one": {False}, "two": {False}}, (
+            method
+        )  # casting keeps them frozen
+    inputs = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+    assert loaded(**inputs).logits_per_image.dtype == dtype
 
 
 def test_every_factor_of_a_fresh_default_adapter_gets_a_gradient(clip, batch):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_umask_modes, process_umask
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -125,11 +126,14 @@ def test_pretraining_is_deterministic(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pretraining_reproduces_the_shipped_tokenizer(tmp_path: Path) -> None:
-    pretrain_tiny_clip(tmp_path, seed=0, steps=1, batch_size=16, num_pairs=32, log_every=0)
+    out = tmp_path / "out"
+    with process_umask(0o027):  # every file, like the shipped ones, gets normal permissions
+        pretrain_tiny_clip(out, seed=0, steps=1, batch_size=16, num_pairs=32, log_every=0)
+    assert assert_umask_modes(out, 0o027) == len(list(TINY_CLIP_PATH.iterdir()))
     for name in ("vocab.json", "merges.txt"):
-        assert (tmp_path / name).read_bytes() == (TINY_CLIP_PATH / name).read_bytes(), name
+        assert (out / name).read_bytes() == (TINY_CLIP_PATH / name).read_bytes(), name
     shipped = json.loads((TINY_CLIP_PATH / "config.json").read_text())
-    rebuilt = json.loads((tmp_path / "config.json").read_text())
+    rebuilt = json.loads((out / "config.json").read_text())
     for tower in ("text_config", "vision_config"):
         for key in ("hidden_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size"):
             assert rebuilt[tower].get(key) == shipped[tower].get(key), (tower, key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -79,7 +81,7 @@ def test_training_lowers_the_loss(tokenizer):
     assert model.training
 
 
-def test_resume_at_epoch_end_is_bit_identical(tokenizer, tmp_path):
+def test_resume_at_epoch_end_is_bit_identical(tokenizer, tmp_path, caplog):
     straight = make_model(tokenizer)
     train(straight, make_datasets(), RESUME_CONFIG, progress=False)
 
@@ -93,9 +95,11 @@ def test_resume_at_epoch_end_is_bit_identical(tokenizer, tmp_path):
     )
     assert result.global_step == 2 and result.checkpoint_dir == tmp_path / "checkpoint"
     resumed = make_model(tokenizer)  # fresh weights: everything must come from the checkpoint
-    result = train(resumed, make_datasets(), RESUME_CONFIG, tmp_path, resume=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="peft_mmap.train"):
+        result = train(resumed, make_datasets(), RESUME_CONFIG, tmp_path, resume=True, progress=False)
     assert result.global_step == 4 and len(result.history) == 2
     assert_identical(trainable(straight), trainable(resumed))
+    assert "bit-identically" not in caplog.text
 
     with pytest.raises(FileExistsError, match="resume=True"):
         train(make_model(tokenizer), make_datasets(), RESUME_CONFIG, tmp_path, progress=False)
@@ -109,11 +113,38 @@ def test_resume_at_epoch_end_is_bit_identical(tokenizer, tmp_path):
         )
 
 
+def test_resume_under_another_thread_count_warns(tokenizer, tmp_path, caplog):
+    """Bit-identity needs the writer's thread count (CPU kernels split sums by it): the checkpoint records
+    it with the torch build and device type, and a resume under other values says so."""
+    train(
+        make_model(tokenizer),
+        make_datasets(),
+        TrainConfig(**{**RESUME_CONFIG.to_dict(), "max_steps": 2}),
+        tmp_path,
+        progress=False,
+    )
+    threads = torch.get_num_threads()
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["reproducibility"] == {"torch": torch.__version__, "device": "cpu", "num_threads": threads}
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="peft_mmap.train"):
+            result = train(
+                make_model(tokenizer), make_datasets(), RESUME_CONFIG, tmp_path, resume=True, progress=False
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert result.global_step == 4
+    assert f"num_threads {threads} -> {threads + 1}" in caplog.text and "not bit-identically" in caplog.text
+
+
 SIGTERM_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
+    import torch
+    torch.set_num_threads({num_threads})  # that of the runs it is compared with (sums split by thread count)
     from transformers import CLIPTokenizer
     from conftest import write_char_tokenizer
     from test_train import RESUME_CONFIG, make_datasets, make_model
@@ -138,7 +169,9 @@ SIGTERM_SCRIPT = textwrap.dedent(
 
 def test_sigterm_writes_a_mid_epoch_checkpoint_that_resumes_bit_identically(tokenizer, tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(SIGTERM_SCRIPT.format(tests=str(TESTS), out=str(tmp_path)))
+    script.write_text(
+        SIGTERM_SCRIPT.format(tests=str(TESTS), out=str(tmp_path), num_threads=torch.get_num_threads())
+    )
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "WORLD_SIZE": "1"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-3000:]
