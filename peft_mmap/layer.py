@@ -187,7 +187,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         # (names, dtype, stacked) -> (parameter state, parameters, prompts); see `_prompts`.
-        self._constant_prompts: dict[tuple, tuple[tuple, list[nn.Parameter], torch.Tensor]] = {}
+        self._constant_prompts: dict[tuple, tuple[list, list[nn.Parameter], torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, config: MmAPConfig, depth: int) -> None:
         """Create the scaling matrix of ``adapter_name`` if this layer is prompted (``layer_index < depth``)."""
@@ -236,7 +236,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._join_prompts(names, dtype, stack)
         key = (names, dtype, stack)
-        state = tuple((id(p), p._version, p.data_ptr()) for p in params)
+        state = [(id(p), p._version, p.data_ptr()) for p in params]
         cached = self._constant_prompts.get(key)
         if cached is not None and cached[0] == state:
             return cached[2]
@@ -260,8 +260,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         """Slots of the active adapters: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
         names = tuple(self.active_adapters)
         lengths = self._shared.prompt_lengths
-        if all(name in self.mmap_scale for name in names):
-            return [(self._prompts(names, like.dtype, stack=False), sum(lengths[name] for name in names))]
+        if self.mmap_scale.keys() >= set(names):  # every active adapter is prompted at this layer
+            return [(self._prompts(names, like.dtype, stack=False), sum(map(lengths.__getitem__, names)))]
         return [
             (
                 self._prompts((name,), like.dtype, stack=False) if name in self.mmap_scale else None,
