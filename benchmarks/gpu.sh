@@ -1,57 +1,39 @@
 #!/usr/bin/env bash
-# MmAP cost on one CUDA GPU, in one run of a few minutes: for each batch size, a ViT-B/16 MmAP training
-# step in bf16 (images/s, FLOPs counted by torch's FlopCounterMode, MFU against PEAK_TFLOPS) next to the
-# baselines, plus zero-shot / cached / mixed-task inference throughput and the text-tower padding check.
+# MmAP cost on one CUDA GPU, unattended (a few minutes; stopped at LIMIT_S, 8 minutes, whatever happens): one
+# `peft-mmap perf` run in bf16 at the paper's training batch (16, Office-Home): training step time, forward and
+# backward FLOPs and MFU of MmAP next to VPT-deep, CoOp, MaPLe and full fine-tuning, timed round-robin; serving
+# images/s of zero-shot CLIP and MmAP (task switching every call, and 4-task batches) at batches 1, 16 and 256;
+# the text-tower padding check. Everything goes to one JSON file, OUT/perf.json (the same tables in
+# OUT/perf.md, a torch.profiler summary of batch-1 serving in OUT/profile.md, nvidia-smi's view in OUT/gpu.txt).
 #
-# Usage:   benchmarks/gpu.sh [OUTPUT_DIR]            (default: perf-gpu)
-# Env:     PEAK_TFLOPS  dense bf16 peak of the GPU in TFLOP/s (default 989, H100/H200 SXM)
-#          BATCHES      batch sizes (default "64 128 256 512")
-#          ARCH         CLIP shapes (default vit-b16); DEVICE (default cuda); STEPS / WARMUP (default 10 / 3)
-#          METHODS      training methods per batch (default: all five; "mmap" alone is quickest)
-# CPU smoke test of the same code path:  DEVICE=cpu ARCH=tiny BATCHES="4 8" PEAK_TFLOPS=1 benchmarks/gpu.sh /tmp/x
-# Results: OUTPUT_DIR/b<batch>/perf.json and perf.md per batch size, and OUTPUT_DIR/summary.md.
+# Usage:   benchmarks/gpu.sh [OUT]                      (default: perf-gpu)
+# Env:     PEAK_TFLOPS    dense bf16 peak of the GPU in TFLOP/s (default 989: H100/H200 SXM)
+#          BATCH          training batch (default 16); INFER_BATCHES (default 1,16,256)
+#          ROUNDS/WARMUP  timed / untimed round-robin rounds (default 30 / 5)
+#          ARCH (vit-b16), DEVICE (cuda), PRECISION (bf16), METHODS (all five), LIMIT_S (480)
+# CPU smoke test of the same code path (tests/test_perf.py runs it):
+#          DEVICE=cpu ARCH=tiny PRECISION=fp32 BATCH=2 INFER_BATCHES=1,2 ROUNDS=1 WARMUP=0 benchmarks/gpu.sh /tmp/x
 set -euo pipefail
 
 OUT=${1:-perf-gpu}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
-BATCHES=${BATCHES:-"64 128 256 512"}
+BATCH=${BATCH:-16}
+INFER_BATCHES=${INFER_BATCHES:-1,16,256}
+ROUNDS=${ROUNDS:-30}
+WARMUP=${WARMUP:-5}
 ARCH=${ARCH:-vit-b16}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-10}
-WARMUP=${WARMUP:-3}
+PRECISION=${PRECISION:-bf16}
 METHODS=${METHODS:-mmap,vpt_deep,coop,maple,full_ft}
-PRECISION=bf16
-[ "$DEVICE" = cpu ] && PRECISION=${PRECISION_CPU:-fp32}
+LIMIT_S=${LIMIT_S:-480}
 
 cd "$(dirname "$0")/.."
-if [ "$DEVICE" = cuda ]; then
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-fi
 mkdir -p "$OUT"
-for batch in $BATCHES; do
-    echo "=== batch $batch ==="
-    python -m peft_mmap.perf --arch "$ARCH" --device "$DEVICE" --precision "$PRECISION" --batch "$batch" \
-        --steps "$STEPS" --warmup "$WARMUP" --methods "$METHODS" --peak-tflops "$PEAK_TFLOPS" \
-        --output "$OUT/b$batch"
-done
-python - "$OUT" $BATCHES <<'PY'
-import json, sys
-from pathlib import Path
-
-out, batches = Path(sys.argv[1]), sys.argv[2:]
-lines = ["| batch | MmAP train img/s | MFU | VPT-deep img/s | full FT img/s | zero-shot infer img/s | "
-         "MmAP infer img/s | mixed infer img/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-for b in batches:
-    r = json.loads((out / f"b{b}" / "perf.json").read_text())
-    train, infer = r["train_img_per_s"], r["infer_img_per_s"]
-    mfu = r.get("mfu", {}).get("mmap")
-    lines.append(
-        f"| {b} | {train['mmap']:.0f} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-        f"{train.get('vpt_deep', float('nan')):.0f} | {train.get('full_ft', float('nan')):.0f} | "
-        f"{infer['zeroshot']:.0f} | {infer['mmap_cached']:.0f} | {infer['mmap_mixed']:.0f} |"
-    )
-text = "\n".join(lines) + "\n"
-(out / "summary.md").write_text(text)
-print(text)
-PY
+if [ "$DEVICE" = cuda ]; then
+    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >"$OUT/gpu.txt" || true
+fi
+PYTHONUNBUFFERED=1 timeout "$LIMIT_S" python -m peft_mmap.perf --arch "$ARCH" --device "$DEVICE" \
+    --precision "$PRECISION" --batch "$BATCH" --infer-batches "$INFER_BATCHES" --rounds "$ROUNDS" \
+    --warmup "$WARMUP" --methods "$METHODS" --peak-tflops "$PEAK_TFLOPS" --profile --output "$OUT"
+echo "results: $OUT/perf.json"

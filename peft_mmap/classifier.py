@@ -8,6 +8,7 @@ trainer, evaluation and benchmark code only use the interface defined here.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class _RegistrationCounter:
 
 
 _REGISTRATIONS = _RegistrationCounter()
+_VERSION = operator.attrgetter("_version")
 register_module_parameter_registration_hook(_REGISTRATIONS)
 register_module_module_registration_hook(_REGISTRATIONS)
 
@@ -182,7 +184,7 @@ class CLIPTaskClassifier(nn.Module):
         if registrations != _REGISTRATIONS.value:
             params = list(self.parameters())
             self._watched = (_REGISTRATIONS.value, params)
-        versions = sum(p._version for p in params)
+        versions = sum(map(_VERSION, params))  # no Python frame per parameter
         return (task, len(params), versions, self.logit_scale.device, self._activation_key(task))
 
     def _activation_key(self, task: str) -> object:

@@ -102,6 +102,10 @@ def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.
     return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
 
 
+#: Adapter combinations whose constant prompts one layer keeps (mixed batches can create many); the oldest
+#: half is dropped when the limit is reached.
+MAX_CONSTANT_PROMPTS = 64
+
 #: One prompt slot at one layer: new tokens ``(n, d)``/``(1 or B, n, d)``, or ``None`` (keep the slot's
 #: current tokens: its owner is past its depth), and the slot length ``n``.
 PromptSlot = tuple[torch.Tensor | None, int]
@@ -182,6 +186,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         object.__setattr__(self, "_shared", shared)
         self._disable_adapters = False
         self.merged_adapters = []
+        # (names, dtype, stacked) -> (parameter state, parameters, prompts); see `_prompts`.
+        self._constant_prompts: dict[tuple, tuple[list, list[nn.Parameter], torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, config: MmAPConfig, depth: int) -> None:
         """Create the scaling matrix of ``adapter_name`` if this layer is prompted (``layer_index < depth``)."""
@@ -214,13 +220,56 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Nothing is ever merged."""
 
-    def _slot_prompts(self, names: list[str], like: torch.Tensor) -> torch.Tensor | None:
-        """New prompts ``(U, b, d)`` of one slot's adapters ``names``, or ``None`` past their depth."""
-        if names[0] not in self.mmap_scale:
-            return None  # past this adapter's depth: its slot flows through
-        if len(names) == 1:
-            return self.layer_prompt(names[0]).to(like.dtype)[None]
-        return torch.stack([self.layer_prompt(name) for name in names]).to(like.dtype)
+    def _prompts(self, names: tuple[str, ...], dtype: torch.dtype, stack: bool) -> torch.Tensor:
+        """This layer's prompts of adapters ``names`` (all prompted here) in ``dtype``.
+
+        ``stack``: ``(U, b, d)``, one row per adapter (a routed slot); else ``(1, U * b, d)``, the adapters'
+        prompts one after the other (the active adapters' slots as one block).
+
+        Without autograd (grad mode off, e.g. ``torch.inference_mode()``, or every parameter involved frozen)
+        the prompts are constants: computed once and reused while the scaling matrices and source prompts
+        are the same objects with the same storage and in-place version counters, so an optimizer step, a
+        ``load_state_dict``, ``model.to(...)`` or re-created adapter invalidates them (writes through
+        ``param.data`` bypass the version counter and are not seen, as for the classifier's text cache).
+        """
+        source = self._shared.source
+        params = [p for name in names for p in (self.mmap_scale[name], source[name])]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._join_prompts(names, dtype, stack)
+        key = (names, dtype, stack)
+        state = [(id(p), p._version, p.data_ptr()) for p in params]
+        cached = self._constant_prompts.get(key)
+        if cached is not None and cached[0] == state:
+            return cached[2]
+        # A normal tensor (not an inference tensor) even when called under torch.inference_mode().
+        with torch.inference_mode(False), torch.no_grad():
+            value = self._join_prompts(names, dtype, stack)
+        if len(self._constant_prompts) >= MAX_CONSTANT_PROMPTS:
+            for old in list(self._constant_prompts)[: MAX_CONSTANT_PROMPTS // 2]:
+                del self._constant_prompts[old]
+        self._constant_prompts[key] = (state, params, value)  # keeping params keeps their ids unique
+        return value
+
+    def _join_prompts(self, names: tuple[str, ...], dtype: torch.dtype, stack: bool) -> torch.Tensor:
+        """`layer_prompt` of each of ``names``, stacked or concatenated as `_prompts` describes."""
+        prompts = [self.layer_prompt(name) for name in names]
+        if len(prompts) == 1:
+            return prompts[0].to(dtype)[None]
+        return (torch.stack(prompts) if stack else torch.cat(prompts)[None]).to(dtype)
+
+    def _active_slots(self, like: torch.Tensor) -> list[PromptSlot]:
+        """Slots of the active adapters: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
+        names = tuple(self.active_adapters)
+        lengths = self._shared.prompt_lengths
+        if self.mmap_scale.keys() >= set(names):  # every active adapter is prompted at this layer
+            return [(self._prompts(names, like.dtype, stack=False), sum(map(lengths.__getitem__, names)))]
+        return [
+            (
+                self._prompts((name,), like.dtype, stack=False) if name in self.mmap_scale else None,
+                lengths[name],
+            )
+            for name in names
+        ]
 
     def _routed_slots(self, routes: list[RouteSlot], like: torch.Tensor) -> list[PromptSlot]:
         """Slots of a mixed-task batch: ``(B, b, d)`` prompts picked per row (or ``None``), and lengths."""
@@ -230,8 +279,11 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             )
         slots = []
         for route in routes:
-            prompts = self._slot_prompts(route.names, like)
-            if prompts is not None and len(route.names) > 1:
+            if route.names[0] not in self.mmap_scale:  # past this slot's depth: it flows through
+                slots.append((None, route.length))
+                continue
+            prompts = self._prompts(tuple(route.names), like.dtype, stack=True)
+            if len(route.names) > 1:
                 if route.index.device != prompts.device:
                     route.index = route.index.to(prompts.device)
                 prompts = prompts[route.index]
@@ -248,10 +300,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         elif routes is not None:
             slots = self._routed_slots(routes, hidden_states)
         else:
-            lengths = self._shared.prompt_lengths
-            slots = [
-                (self._slot_prompts([name], hidden_states), lengths[name]) for name in self.active_adapters
-            ]
+            slots = self._active_slots(hidden_states)
         return forward_with_prompt_slots(
             self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
         )

@@ -1,23 +1,34 @@
-"""`peft-mmap perf`: training cost and inference throughput of MmAP next to its baselines, in one run.
+"""`peft-mmap perf`: training cost and serving latency of MmAP next to its baselines, in one run.
 
 Every number comes from the library's own code path on a CLIP built from its config (random weights, no
-download): ``model(pixel_values, task)`` + cross-entropy, backward and an SGD step (momentum 0.9), the text
-tower included (the 65 Office-Home class prompts of the task). Measured side by side:
+download). Measured side by side:
 
-* ``train_step_s``: median seconds of one training step of ``mmap`` (2 groups + task adapters: ``2b``
-  prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same ``2b`` vision tokens), ``coop``
-  (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one backbone);
-* ``peak_mem_mb``: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (weights included); on
-  CPU the bytes of the tensors saved for backward (distinct storages, parameters excluded, counted with
-  ``torch.autograd.graph.saved_tensors_hooks``) plus gradients plus optimizer state, i.e. the memory a step
-  needs on top of the weights (``peak_mem_kind`` in the JSON says which);
-* ``infer_img_per_s``: eval-mode images/s of zero-shot CLIP, MmAP with cached task text features (one task
-  repeatedly) and MmAP on batches mixing four tasks (one vision pass with per-sample prompts);
-* ``text_step_s``: MmAP text features forward + backward for one task with the class prompts padded to the
-  longest prompt (what the library does) and to the 77 positions of CLIP's text encoder;
-* ``train_flops`` / ``mfu``: FLOPs of one training step of each method (counted by
-  ``torch.utils.flop_counter.FlopCounterMode``; machine-independent, so they explain the time ratios) and
-  the model-FLOPs utilisation they give at the measured step time against ``--peak-tflops``.
+* **training step** (``train``): ``model(pixel_values, task)`` + cross-entropy, backward and an SGD step
+  (momentum 0.9), the text tower included (the 65 Office-Home class prompts of the task), for ``mmap`` (2
+  groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same
+  ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
+  backbone). Each method's forward and backward FLOPs are counted by ``torch.utils.flop_counter`` on its
+  first step (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs
+  about its forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's
+  time ratio to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP,
+  above 1 is MmAP overhead the FLOPs do not explain;
+* **memory** (``peak_mem_mb``): what the first step needs on top of the weights: on CUDA
+  ``torch.cuda.max_memory_allocated`` during it minus the memory allocated before it; on CPU the bytes of
+  the tensors saved for backward (distinct storages, parameters excluded, counted with
+  ``torch.autograd.graph.saved_tensors_hooks``) plus gradients plus optimizer state;
+* **serving** (``infer``): eval-mode images/s per call at each ``--infer-batches`` size, with the class
+  text features of every task cached, for zero-shot CLIP and MmAP switching task on every call (the
+  serving pattern), and MmAP on batches mixing the four tasks (one vision pass with per-sample prompts);
+  the FLOP floor of each ratio (one call of each counted) says what the extra prompt tokens alone cost;
+* **text tower** (``text``): MmAP text features forward + backward for one task with the class prompts
+  padded to the longest prompt (what the library does) and to the 77 positions of CLIP's text encoder.
+
+Timing is interleaved: the variants of one measurement (the training methods; the serving variants of one
+batch size; the two paddings) run round-robin, one call of each per round, with the starting variant
+rotating by one every round, so a load change on a shared machine lands on all of them alike. Each variant
+reports the median and the interquartile range (``q1``, ``q3``) of its per-call seconds; each ratio the
+ratio of the medians and the quartiles of the per-round ratios, the spread that tells a real difference
+from noise.
 
 The prompts are tokenized one token per word and punctuation mark (`word_tokenizer`), as CLIP's BPE does for
 nearly every Office-Home class name, so sequence lengths match a real checkpoint's closely.
@@ -28,6 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +51,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
+from .argtypes import non_negative_int, positive_float, positive_int
 from .baselines import build_method
 from .classifier import CLIPTaskClassifier, TaskSpec
 from .config import MmAPConfig
@@ -65,15 +79,23 @@ TRAIN_METHODS: dict[str, tuple[str, dict]] = {
     "full_ft": ("full_ft_mt", {}),
 }
 
-#: Goal per ratio: (comparison, target, what it compares).
+#: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
+#: FLOP ratio (overhead-free: at most 5 % above the FLOP floor); ``infer_b<N>_*`` needs batch ``N`` in
+#: ``--infer-batches``; ``infer_mixed_over_switching`` is taken at the largest inference batch.
 GOALS: dict[str, tuple[str, float, str]] = {
     "train_mmap_over_vpt_deep": ("<=", 1.10, "MmAP train step / VPT-deep (same vision tokens)"),
     "train_mmap_over_full_ft": ("<=", 0.70, "MmAP train step / full fine-tuning"),
-    "infer_mmap_cached_over_zeroshot": (">=", 0.92, "MmAP images/s (cached text) / zero-shot"),
-    "infer_mixed_over_single": (">=", 0.95, "MmAP images/s, 4-task batches / one-task batches"),
+    "train_mmap_over_vpt_deep_per_flop": ("<=", 1.05, "MmAP / VPT-deep step time ratio ÷ FLOP ratio"),
+    "train_mmap_over_full_ft_per_flop": ("<=", 1.05, "MmAP / full fine-tuning step time ratio ÷ FLOP ratio"),
+    "infer_b1_mmap_over_zeroshot": (">=", 0.93, "batch 1 images/s, MmAP (task switching) / zero-shot"),
+    "infer_b16_mmap_over_zeroshot": (">=", 0.95, "batch 16 images/s, MmAP (task switching) / zero-shot"),
+    "infer_mixed_over_switching": (">=", 0.95, "images/s, 4-task batches / one-task batches (largest batch)"),
     "text_pad77_over_dynamic": (">=", 3.0, "text tower step time, 77 tokens / longest prompt"),
 }
 
+#: Serving variants timed at every inference batch size (see `_Bench.measure_inference`).
+SERVING = ("zeroshot", "mmap", "mmap_mixed")
+DEFAULT_INFER_BATCHES = (1, 4, 16)
 TINY_ARCH = "tiny"
 PRECISIONS = ("fp32", "bf16")
 _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -149,18 +171,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of ``steps`` calls of ``fn`` after ``warmup`` untimed calls."""
+def interleaved_seconds(
+    calls: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Wall seconds of every call in ``calls``, timed round-robin.
+
+    ``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every variant once, starting one
+    variant later than the round before (A B C, B C A, C A B, ...). Returns ``{name: [seconds per round]}``,
+    so ``result[a][r] / result[b][r]`` is the ratio of ``a`` to ``b`` in round ``r``.
+    """
+    names = list(calls)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            calls[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(values: Sequence[float]) -> dict[str, float]:
+    """``{"median", "q1", "q3"}`` of ``values`` (inclusive quartiles; all equal for a single value)."""
+    if len(values) == 1:
+        return {"median": values[0], "q1": values[0], "q3": values[0]}
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """``{"value", "q1", "q3"}``: the ratio of the medians and the quartiles of the per-round ratios."""
+    per_round = quartiles([a / b for a, b in zip(numerator, denominator, strict=True)])
+    value = statistics.median(numerator) / statistics.median(denominator)
+    return {"value": value, "q1": per_round["q1"], "q3": per_round["q3"]}
 
 
 @contextlib.contextmanager
@@ -201,10 +249,14 @@ class _Bench:
         self.mmap_config = MmAPConfig()
         torch.manual_seed(seed)
         self.base = CLIPModel(self.config).eval()
-        size = self.config.vision_config.image_size
-        self.pixels = torch.randn(batch, 3, size, size, device=device)
+        self.pixels = self.images(batch)
         self.labels = torch.randint(len(OFFICE_HOME_CLASSES), (batch,), device=device)
         self.task = self.tasks[0].name
+
+    def images(self, batch: int) -> torch.Tensor:
+        """Random ``(batch, 3, H, W)`` pixel values on the device."""
+        size = self.config.vision_config.image_size
+        return torch.randn(batch, 3, size, size, device=self.device)
 
     def build(self, method: str, **options) -> CLIPTaskClassifier:
         clip = copy.deepcopy(self.base)
@@ -218,55 +270,113 @@ class _Bench:
         b2 = 2 * self.mmap_config.prompt_length
         return self.build(method, **{k: b2 if v == "2b" else v for k, v in options.items()}).train()
 
-    def train_step(self, model: CLIPTaskClassifier, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def loss(self, model: CLIPTaskClassifier) -> torch.Tensor:
+        """Cross-entropy of one training batch of the benchmark task."""
         with _autocast(self.precision, self.device):
             logits = model(self.pixels, self.task)
-        F.cross_entropy(logits.float(), self.labels).backward()
+        return F.cross_entropy(logits.float(), self.labels)
+
+    def train_step(self, model: CLIPTaskClassifier, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.loss(model).backward()
         optimizer.step()
 
-    def measure_training(self, name: str, steps: int, warmup: int) -> tuple[float, float, int]:
-        """``(median step seconds, peak memory MB, FLOPs of one step)`` of a training method.
-
-        The first step is one of the ``warmup`` steps (at least one): it creates the optimizer state and
-        is where FLOPs and, on CPU, the saved-for-backward bytes are counted.
-        """
-        model = self.build_trainer(name)
+    def counted_step(self, model: CLIPTaskClassifier, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One training step with its forward and backward FLOPs and the memory it needs beyond the weights."""
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
-        step = lambda: self.train_step(model, optimizer)  # noqa: E731
-        counter = FlopCounterMode(display=False)
-        with counter, saved_tensor_bytes(list(model.parameters())) as saved:
-            step()
-        if self.device.type == "cuda":
+        optimizer.zero_grad(set_to_none=True)
+        forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            _sync(self.device)
+            before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        seconds = median_seconds(step, steps, max(warmup - 1, 0), self.device)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+        with forward, saved_tensor_bytes(list(model.parameters())) as saved:
+            loss = self.loss(model)
+        with backward:
+            loss.backward()
+        optimizer.step()
+        if cuda:
+            _sync(self.device)
+            extra = torch.cuda.max_memory_allocated(self.device) - before
         else:
             state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-            peak = saved[0] + sum(t.nbytes for t in [*(p.grad for p in params), *state] if t is not None)
-        return seconds, peak / 2**20, counter.get_total_flops()
+            extra = saved[0] + sum(t.nbytes for t in [*(p.grad for p in params), *state] if t is not None)
+        return {
+            "gflop_forward": forward.get_total_flops() / 1e9,
+            "gflop_backward": backward.get_total_flops() / 1e9,
+            "peak_mem_mb": extra / 2**20,
+        }
 
-    def measure_inference(self, steps: int, warmup: int) -> dict[str, float]:
-        """Eval-mode images/s: zero-shot, MmAP on one task (cached text), MmAP on 4-task batches."""
-        names = [t.name for t in self.tasks]
-        mixed = [names[i % len(names)] for i in range(self.batch)]
-        runs = {"zeroshot": ("zeroshot", self.task), "mmap_cached": ("mmap", self.task)}
-        runs["mmap_mixed"] = ("mmap", mixed)
-        models: dict[str, CLIPTaskClassifier] = {}
-        result = {}
-        for key, (method, task) in runs.items():
-            model = models.setdefault(method, self.build(method).eval())
+    def measure_training(self, names: Sequence[str], rounds: int, warmup: int) -> dict[str, dict]:
+        """Per method: step seconds (round-robin over ``names``), FLOPs and memory of one step.
 
-            def infer(model: CLIPTaskClassifier = model, task: str | list[str] = task) -> None:
-                with torch.inference_mode(), _autocast(self.precision, self.device):
-                    model(self.pixels, task)
-
-            result[key] = self.batch / median_seconds(infer, steps, warmup, self.device)
+        Every model stays resident for the interleaved timing. Its first step (one of the ``warmup`` steps,
+        at least one) creates the optimizer state and is the one whose FLOPs and memory are counted.
+        """
+        steps: dict[str, Callable[[], None]] = {}
+        result: dict[str, dict] = {}
+        for name in names:
+            model = self.build_trainer(name)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+            result[name] = self.counted_step(model, optimizer)
+            steps[name] = lambda model=model, optimizer=optimizer: self.train_step(model, optimizer)
+        times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device)
+        for name, entry in result.items():
+            entry["seconds"] = times[name]
         return result
 
-    def measure_text(self, steps: int, warmup: int) -> dict[str, float]:
+    def serving_models(self) -> dict[str, CLIPTaskClassifier]:
+        """Eval-mode zero-shot CLIP and MmAP with the class text features of every task cached."""
+        models = {"zeroshot": self.build("zeroshot").eval(), "mmap": self.build("mmap").eval()}
+        with torch.inference_mode(), _autocast(self.precision, self.device):
+            for model in models.values():
+                for task in self.tasks:
+                    model.text_features(task.name)
+        return models
+
+    def serving_calls(
+        self, models: dict[str, CLIPTaskClassifier], batch: int
+    ) -> dict[str, Callable[[], torch.Tensor]]:
+        """One inference call per `SERVING` variant; each call serves the next task (or task mix)."""
+        pixels = self.images(batch)
+        names = [t.name for t in self.tasks]
+        single = itertools.cycle(names)
+        mixes = itertools.cycle(
+            [[names[(i + k) % len(names)] for i in range(batch)] for k in range(len(names))]
+        )
+
+        def infer(model: CLIPTaskClassifier, tasks: Iterator) -> Callable[[], torch.Tensor]:
+            def call() -> torch.Tensor:
+                with torch.inference_mode(), _autocast(self.precision, self.device):
+                    return model(pixels, next(tasks))
+
+            return call
+
+        return {
+            "zeroshot": infer(models["zeroshot"], single),
+            "mmap": infer(models["mmap"], itertools.cycle(names)),
+            "mmap_mixed": infer(models["mmap"], mixes),
+        }
+
+    def measure_inference(self, batches: Sequence[int], rounds: int, warmup: int) -> dict[str, dict]:
+        """Per batch size: seconds per call of every `SERVING` variant (round-robin) and its FLOPs."""
+        models = self.serving_models()
+        result = {}
+        for batch in batches:
+            calls = self.serving_calls(models, batch)
+            gflop = {}
+            for name, call in calls.items():
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    call()
+                gflop[name] = counter.get_total_flops() / 1e9
+            times = interleaved_seconds(calls, rounds, warmup, self.device)
+            result[f"b{batch}"] = {"batch": batch, "gflop": gflop, "seconds": times}
+        return result
+
+    def measure_text(self, rounds: int, warmup: int) -> dict:
         """MmAP text features forward + backward for one task: longest-prompt padding vs 77 positions."""
         model = self.build("mmap").train()
         model.activate(self.task)
@@ -278,29 +388,57 @@ class _Bench:
             "dynamic": model.task_tokens(self.task),
             "pad77": {k: padded[k].to(self.device) for k in ("input_ids", "attention_mask")},
         }
-        result = {}
-        for key, tokens in token_sets.items():
 
-            def step(tokens: dict[str, torch.Tensor] = tokens) -> None:
+        def step(tokens: dict[str, torch.Tensor]) -> Callable[[], None]:
+            def call() -> None:
                 model.zero_grad(set_to_none=True)
                 with _autocast(self.precision, self.device):
                     features = model.clip_model.get_text_features(**tokens).pooler_output
                 F.normalize(features.float(), dim=-1).sum().backward()
 
-            result[key] = median_seconds(step, steps, warmup, self.device)
-        result["dynamic_tokens"] = int(token_sets["dynamic"]["input_ids"].shape[1])
-        return result
+            return call
+
+        times = interleaved_seconds({k: step(v) for k, v in token_sets.items()}, rounds, warmup, self.device)
+        return {"seconds": times, "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1])}
+
+    def profile_serving(self, calls: int = 8, rows: int = 15) -> str:
+        """``torch.profiler`` summary (top operators by self time) of batch-1 serving, zero-shot and MmAP."""
+        from torch.profiler import ProfilerActivity, profile
+
+        models = self.serving_models()
+        serving = self.serving_calls(models, 1)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        parts = []
+        for name in ("zeroshot", "mmap"):
+            for _ in range(len(self.tasks)):
+                serving[name]()  # warm-up: every task once
+            with profile(activities=activities) as prof:
+                for _ in range(calls):
+                    serving[name]()
+            events = prof.key_averages()
+            ops = sum(e.count for e in events if e.key.startswith("aten::"))
+            parts += [
+                f"## {name}: {calls} batch-1 calls, task switching, {ops / calls:.0f} aten ops per call",
+                "",
+                "```",
+                events.table(sort_by=sort, row_limit=rows),
+                "```",
+                "",
+            ]
+        return "\n".join(parts)
 
 
 def run_benchmark(
     arch: str = "vit-b16",
     device: str | torch.device = "cpu",
-    batch: int = 8,
-    steps: int = 3,
+    batch: int = 16,
+    rounds: int = 5,
     warmup: int = 1,
     precision: str = "fp32",
     methods: Sequence[str] | None = None,
     peak_tflops: float | None = None,
+    infer_batches: Sequence[int] = DEFAULT_INFER_BATCHES,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure every quantity of the module docstring in one run; returns the JSON-ready result.
@@ -308,11 +446,12 @@ def run_benchmark(
     Args:
         arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.params.ARCHS`) or ``tiny``.
         device: where to run.
-        batch: images per step.
-        steps / warmup: timed and untimed repetitions of every measurement (the median is reported).
+        batch: images per training step.
+        rounds / warmup: timed and untimed round-robin rounds of every measurement.
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         methods: training methods to time (default: all of `TRAIN_METHODS`).
         peak_tflops: the device's dense peak for ``precision``; gives ``mfu`` of every training step.
+        infer_batches: batch sizes of the serving measurement.
         log: where progress lines go.
     """
     device = torch.device(device)
@@ -321,14 +460,13 @@ def run_benchmark(
     if unknown:
         raise ValueError(f"Unknown perf methods {unknown}; known: {list(TRAIN_METHODS)}.")
     bench = _Bench(arch, device, batch, precision)
-    train_s, memory, flops = {}, {}, {}
-    for name in methods:
-        log(f"training step: {name}")
-        train_s[name], memory[name], flops[name] = bench.measure_training(name, steps, warmup)
-    log("inference")
-    infer = bench.measure_inference(steps, warmup)
+    log(f"training steps, round-robin: {', '.join(methods)}")
+    train = bench.measure_training(methods, rounds, warmup)
+    gc.collect()  # free the training models before serving
+    log(f"serving, batches {', '.join(map(str, infer_batches))}")
+    infer = bench.measure_inference(infer_batches, rounds, warmup)
     log("text tower")
-    text = bench.measure_text(steps, warmup)
+    text = bench.measure_text(rounds, warmup)
     result = {
         "arch": arch,
         "device": str(device),
@@ -336,99 +474,203 @@ def run_benchmark(
         "threads": torch.get_num_threads(),
         "batch": batch,
         "precision": precision,
-        "steps": steps,
+        "rounds": rounds,
         "warmup": warmup,
         "torch": torch.__version__,
         "prompt_tokens_per_layer": 2 * bench.mmap_config.prompt_length,
-        "text_tokens_dynamic": text.pop("dynamic_tokens"),
-        "train_step_s": train_s,
-        "train_img_per_s": {name: batch / s for name, s in train_s.items()},
-        "peak_mem_mb": memory,
         "peak_mem_kind": (
-            "torch.cuda.max_memory_allocated (weights included)"
+            "torch.cuda.max_memory_allocated during the first step minus the memory allocated before it"
             if device.type == "cuda"
             else "saved-for-backward tensors + gradients + optimizer state (weights excluded)"
         ),
-        "infer_img_per_s": infer,
-        "text_step_s": text,
-        "train_flops": flops,
+        "train": {name: _train_entry(entry, batch, peak_tflops) for name, entry in train.items()},
+        "infer": {key: _infer_entry(entry) for key, entry in infer.items()},
+        "text": {
+            "tokens_dynamic": text["tokens_dynamic"],
+            "seconds": {k: quartiles(v) for k, v in text["seconds"].items()},
+            "rounds_s": text["seconds"],
+            "pad77_over_dynamic": ratio_spread(text["seconds"]["pad77"], text["seconds"]["dynamic"]),
+        },
     }
     if peak_tflops is not None:
         result["peak_tflops"] = peak_tflops
-        result["mfu"] = {name: flops[name] / train_s[name] / (peak_tflops * 1e12) for name in methods}
-    result["ratios"] = goal_ratios(result)
-    result["flop_ratios"] = {
-        f"mmap_over_{other}": flops["mmap"] / flops[other]
-        for other in ("vpt_deep", "full_ft")
-        if "mmap" in flops and other in flops
-    }
+    if "mmap" in train:
+        result["train_ratios"] = {
+            f"mmap_over_{other}": _train_ratio(train["mmap"], train[other])
+            for other in methods
+            if other != "mmap"
+        }
+    result["goals"] = goal_ratios(result)
     return result
 
 
-def goal_ratios(result: dict) -> dict[str, dict]:
-    """Every ratio of `GOALS` that ``result`` has the measurements for: ``{value, goal, met}``."""
-    train, infer, text = result["train_step_s"], result["infer_img_per_s"], result["text_step_s"]
-    values = {
-        "infer_mmap_cached_over_zeroshot": infer["mmap_cached"] / infer["zeroshot"],
-        "infer_mixed_over_single": infer["mmap_mixed"] / infer["mmap_cached"],
-        "text_pad77_over_dynamic": text["pad77"] / text["dynamic"],
+def _gflop(entry: dict) -> float:
+    return entry["gflop_forward"] + entry["gflop_backward"]
+
+
+def _train_entry(entry: dict, batch: int, peak_tflops: float | None) -> dict:
+    """JSON entry of one training method: step seconds (quartiles), images/s, FLOPs, memory, MFU."""
+    seconds = statistics.median(entry["seconds"])
+    out = {
+        "step_s": quartiles(entry["seconds"]),
+        "rounds_s": entry["seconds"],
+        "img_per_s": batch / seconds,
+        "gflop_forward": entry["gflop_forward"],
+        "gflop_backward": entry["gflop_backward"],
+        "gflop": _gflop(entry),
+        "gflop_per_s": _gflop(entry) / seconds,
+        "peak_mem_mb": entry["peak_mem_mb"],
     }
-    for other in ("vpt_deep", "full_ft"):
-        if "mmap" in train and other in train:
-            values[f"train_mmap_over_{other}"] = train["mmap"] / train[other]
+    if peak_tflops is not None:
+        out["mfu"] = _gflop(entry) / seconds / (peak_tflops * 1e3)
+    return out
+
+
+def _train_ratio(mmap: dict, other: dict) -> dict:
+    """MmAP over ``other``: step time ratio (with spread), FLOP ratio and time ratio ÷ FLOP ratio."""
+    ratio = ratio_spread(mmap["seconds"], other["seconds"])
+    flops = _gflop(mmap) / _gflop(other)
+    return {
+        "time": ratio,
+        "flops": flops,
+        "time_per_flop": {
+            "value": ratio["value"] / flops,
+            "q1": ratio["q1"] / flops,
+            "q3": ratio["q3"] / flops,
+        },
+    }
+
+
+def _infer_entry(entry: dict) -> dict:
+    """JSON entry of one serving batch size: per-call seconds, images/s, FLOPs and ratios with floors.
+
+    ``mmap_over_zeroshot`` and ``mixed_over_switching`` are images/s ratios; their ``flop_floor`` is what
+    the FLOPs alone allow (e.g. zero-shot FLOPs / MmAP FLOPs) and ``of_floor`` the measured ratio over it.
+    """
+    seconds, gflop, batch = entry["seconds"], entry["gflop"], entry["batch"]
     ratios = {}
+    for key, (fast, slow) in {
+        "mmap_over_zeroshot": ("zeroshot", "mmap"),
+        "mixed_over_switching": ("mmap", "mmap_mixed"),
+    }.items():
+        ratio = ratio_spread(seconds[fast], seconds[slow])  # seconds fast / seconds slow = img/s slow / fast
+        floor = gflop[fast] / gflop[slow]
+        ratios[key] = {**ratio, "flop_floor": floor, "of_floor": ratio["value"] / floor}
+    return {
+        "batch": batch,
+        "call_s": {k: quartiles(v) for k, v in seconds.items()},
+        "rounds_s": seconds,
+        "img_per_s": {k: batch / statistics.median(v) for k, v in seconds.items()},
+        "gflop": gflop,
+        "ratios": ratios,
+    }
+
+
+def goal_ratios(result: dict) -> dict[str, dict]:
+    """Every ratio of `GOALS` that ``result`` has the measurements for: ``{value, q1, q3, goal, met}``."""
+    values: dict[str, dict] = {"text_pad77_over_dynamic": result["text"]["pad77_over_dynamic"]}
+    for other in ("vpt_deep", "full_ft"):
+        ratio = result.get("train_ratios", {}).get(f"mmap_over_{other}")
+        if ratio is not None:
+            values[f"train_mmap_over_{other}"] = ratio["time"]
+            values[f"train_mmap_over_{other}_per_flop"] = ratio["time_per_flop"]
+    infer = result["infer"]
+    for key, entry in infer.items():
+        values[f"infer_{key}_mmap_over_zeroshot"] = entry["ratios"]["mmap_over_zeroshot"]
+    if infer:
+        largest = max(infer.values(), key=lambda entry: entry["batch"])
+        values["infer_mixed_over_switching"] = largest["ratios"]["mixed_over_switching"]
+    goals = {}
     for key, (op, target, _) in GOALS.items():
         if key in values:
-            value = values[key]
-            met = value <= target if op == "<=" else value >= target
-            ratios[key] = {"value": round(value, 4), "goal": f"{op} {target}", "met": met}
-    return ratios
+            ratio = values[key]
+            met = ratio["value"] <= target if op == "<=" else ratio["value"] >= target
+            goals[key] = {
+                **{k: round(ratio[k], 4) for k in ("value", "q1", "q3")},
+                "goal": f"{op} {target}",
+                "met": met,
+            }
+    return goals
+
+
+def _iqr(spread: dict, scale: float = 1.0, digits: int = 3) -> str:
+    """``median [q1, q3]`` (or ``value [q1, q3]``) of a spread dict, times ``scale``."""
+    middle = spread.get("median", spread.get("value"))
+    return (
+        f"{middle * scale:.{digits}f} [{spread['q1'] * scale:.{digits}f}, {spread['q3'] * scale:.{digits}f}]"
+    )
 
 
 def markdown_report(result: dict) -> str:
-    """The result as Markdown tables: training, inference, text tower and goals."""
+    """The result as Markdown tables: training, MmAP vs each method, serving, text tower and goals."""
     device = result["device_name"] + ("" if result["device"] != "cpu" else f", {result['threads']} threads")
+    mfu = any("mfu" in entry for entry in result["train"].values())
     lines = [
-        f"`{result['arch']}` shapes, batch {result['batch']}, {result['precision']}, {device}, "
-        f"median of {result['steps']} steps after {result['warmup']} warm-up",
+        f"`{result['arch']}` shapes, training batch {result['batch']}, {result['precision']}, {device}; "
+        f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up; median [q1, q3]",
         "",
-        "| Method | Train step (s) | Train img/s | GFLOP/step | Peak memory (MB) |"
-        + (" MFU |" if "mfu" in result else ""),
-        "|---|---:|---:|---:|---:|" + ("---:|" if "mfu" in result else ""),
+        "| Method | Train step (s) | Train img/s | GFLOP fwd + bwd | GFLOP/s | Peak memory (MB) |"
+        + (" MFU |" if mfu else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""),
     ]
-    for name, seconds in result["train_step_s"].items():
-        mfu = f" {100 * result['mfu'][name]:.1f}% |" if "mfu" in result else ""
+    for name, entry in result["train"].items():
         lines.append(
-            f"| `{name}` | {seconds:.3f} | {result['train_img_per_s'][name]:.1f} | "
-            f"{result['train_flops'][name] / 1e9:.1f} | {result['peak_mem_mb'][name]:.0f} |{mfu}"
+            f"| `{name}` | {_iqr(entry['step_s'])} | {entry['img_per_s']:.1f} | "
+            f"{entry['gflop_forward']:.1f} + {entry['gflop_backward']:.1f} | {entry['gflop_per_s']:.1f} | "
+            f"{entry['peak_mem_mb']:.0f} |" + (f" {100 * entry['mfu']:.1f}% |" if mfu else "")
         )
-    lines += ["", f"Peak memory: {result['peak_mem_kind']}.", "", "| Inference | img/s |", "|---|---:|"]
-    lines += [f"| `{name}` | {value:.1f} |" for name, value in result["infer_img_per_s"].items()]
-    text = result["text_step_s"]
+    lines += ["", f"Peak memory: {result['peak_mem_kind']}."]
+    if mfu:
+        lines += [f"MFU against a dense peak of {result['peak_tflops']} TFLOP/s."]
+    if result.get("train_ratios"):
+        lines += [
+            "",
+            "| MmAP / method | Step time ratio | FLOP ratio | Time ratio ÷ FLOP ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, ratio in result["train_ratios"].items():
+            lines.append(
+                f"| {key.removeprefix('mmap_over_')} | {_iqr(ratio['time'])} | {ratio['flops']:.3f} | "
+                f"{_iqr(ratio['time_per_flop'])} |"
+            )
+    lines += [
+        "",
+        "| Serving batch | Zero-shot img/s | MmAP img/s (task switching) | MmAP img/s (4-task batch) | "
+        "MmAP / zero-shot | FLOP floor | Mixed / switching | FLOP floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in result["infer"].values():
+        img, ratios = entry["img_per_s"], entry["ratios"]
+        mmap, mixed = ratios["mmap_over_zeroshot"], ratios["mixed_over_switching"]
+        lines.append(
+            f"| {entry['batch']} | {img['zeroshot']:.2f} | {img['mmap']:.2f} | {img['mmap_mixed']:.2f} | "
+            f"{_iqr(mmap)} | {mmap['flop_floor']:.3f} | {_iqr(mixed)} | {mixed['flop_floor']:.3f} |"
+        )
+    text = result["text"]
     lines += [
         "",
         "| MmAP text tower (fwd + bwd, 65 classes) | s |",
         "|---|---:|",
-        f"| padded to longest ({result['text_tokens_dynamic']} tokens) | {text['dynamic']:.4f} |",
-        f"| padded to 77 tokens | {text['pad77']:.4f} |",
+        f"| padded to longest ({text['tokens_dynamic']} tokens) | {_iqr(text['seconds']['dynamic'], digits=4)} |",
+        f"| padded to 77 tokens | {_iqr(text['seconds']['pad77'], digits=4)} |",
+        "",
+        "| Ratio | Value [q1, q3] | Goal | Met |",
+        "|---|---:|---:|:---:|",
     ]
-    if "mfu" in result:
-        lines += ["", f"MFU against a dense peak of {result['peak_tflops']} TFLOP/s."]
-    lines += ["", "| Ratio | Value | Goal | Met |", "|---|---:|---:|:---:|"]
-    for key, ratio in result["ratios"].items():
+    for key, goal in result["goals"].items():
         lines.append(
-            f"| {GOALS[key][2]} | {ratio['value']:.3f} | {ratio['goal']} | {'yes' if ratio['met'] else 'NO'} |"
+            f"| {GOALS[key][2]} | {_iqr(goal)} | {goal['goal']} | {'yes' if goal['met'] else 'NO'} |"
         )
-    if result["flop_ratios"]:
-        shown = ", ".join(f"{k.replace('_over_', ' / ')} {v:.3f}" for k, v in result["flop_ratios"].items())
-        lines += ["", f"Training FLOP ratios (machine-independent): {shown}."]
     return "\n".join(lines) + "\n"
+
+
+def _batch_list(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (positive integers)."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``peft-mmap perf``."""
-    from .cli import non_negative_int, positive_float, positive_int
-
     parser.add_argument(
         "--arch",
         default="vit-b16",
@@ -436,13 +678,26 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP shapes (default vit-b16).",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
-    parser.add_argument("--batch", type=positive_int, default=8, help="images per step (default 8).")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed repetitions (default 3).")
+    parser.add_argument(
+        "--batch", type=positive_int, default=16, help="images per training step (default 16)."
+    )
+    parser.add_argument(
+        "--infer-batches",
+        type=_batch_list,
+        default=list(DEFAULT_INFER_BATCHES),
+        help="comma-separated serving batch sizes (default 1,4,16).",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="timed round-robin rounds: each variant once per round (default 5).",
+    )
     parser.add_argument(
         "--warmup",
         type=non_negative_int,
         default=1,
-        help="untimed repetitions (default 1; training always has one).",
+        help="untimed rounds (default 1; training always has one).",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast.")
     parser.add_argument(
@@ -455,29 +710,40 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write profile.md: torch.profiler summaries of batch-1 serving, zero-shot and MmAP.",
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
     )
 
 
 def run_perf(args: argparse.Namespace) -> dict:
-    """Run `run_benchmark` with the parsed options; write ``perf.json`` and ``perf.md``; print the table."""
+    """Run `run_benchmark` with the parsed options; write ``perf.json`` and ``perf.md``; print the tables."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.methods is not None and not set(args.methods) <= set(TRAIN_METHODS):
         raise ValueError(f"--methods {args.methods}: known methods are {list(TRAIN_METHODS)}.")
+    if not args.infer_batches:
+        raise ValueError("--infer-batches: expected at least one batch size, e.g. 1,4,16.")
     result = run_benchmark(
         args.arch,
         args.device,
         args.batch,
-        args.steps,
+        args.rounds,
         args.warmup,
         args.precision,
         args.methods,
         args.peak_tflops,
+        args.infer_batches,
     )
     atomic_write_json(args.output / "perf.json", result)
     report = markdown_report(result)
     atomic_write_text(args.output / "perf.md", report)
+    if args.profile:
+        bench = _Bench(args.arch, torch.device(args.device), 1, args.precision)
+        atomic_write_text(args.output / "profile.md", bench.profile_serving())
     print(report)
     return result
 

@@ -145,3 +145,114 @@ def test_expand_attention_mask_matches_a_causal_mask_built_from_scratch():
 def test_all_layers_are_wrapped(clip):
     model = _mmap(clip, names=("a",))
     assert sum(isinstance(m, MmAPLayer) for m in model.modules()) == 2 * LAYERS
+
+
+def _reference_image_embeds(model, pixels, names):
+    """Image features computed by hand from CLIP's own modules: ``kron(M^k, P_s^k)`` spliced in after CLS."""
+    clip, source = model.base_model.model, model.base_model.mmap_source
+    vision = clip.vision_model
+    hidden = vision.pre_layrnorm(vision.embeddings(pixels))
+    layers = vision.encoder.layers
+    for k, layer in enumerate(layers):
+        prompts = torch.cat([torch.kron(layer.mmap_scale[name], source[name][k]) for name in names])
+        rest = hidden[:, 1:] if k == 0 else hidden[:, 1 + len(prompts) :]
+        hidden = torch.cat([hidden[:, :1], prompts.expand(len(pixels), -1, -1), rest], dim=1)
+        hidden = layer.base_layer(hidden, None)
+    features = clip.visual_projection(vision.post_layernorm(hidden[:, 0]))
+    return torch.nn.functional.normalize(features, dim=-1)  # CLIPModel's image_embeds are normalised
+
+
+def _outputs(model, batch, mode):
+    """Text and image embeddings and logits, with autograd on (``"grad"``) or off (``"no_grad"``, ``"inference"``)."""
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():
+        out = model(**batch)
+    return [t.detach().clone() for t in (out.text_embeds, out.image_embeds, out.logits_per_image)]
+
+
+@pytest.mark.parametrize("depth", [None, 1])
+def test_outputs_without_autograd_equal_outputs_with_it_and_a_hand_made_reference(clip, batch, depth):
+    model = _mmap(clip, depth=depth).eval()
+    expected = _outputs(model, batch, "grad")
+    for mode in ("no_grad", "inference", "inference", "no_grad"):  # repeated calls reuse constant prompts
+        for got, want in zip(_outputs(model, batch, mode), expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    if depth is None:
+        with torch.no_grad():
+            reference = _reference_image_embeds(model, batch["pixel_values"], ("group0", "art"))
+        torch.testing.assert_close(expected[1], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_outputs_without_autograd_equal_per_adapter_outputs(clip, batch):
+    model = _mmap(clip, names=("g", "a", "b")).eval()
+    pixels = batch["pixel_values"]
+    per_task = []
+    for i, task in enumerate(("a", "b")):
+        model.base_model.set_adapter(["g", task])
+        per_task.append(model.get_image_features(pixel_values=pixels[i : i + 1]).pooler_output.detach())
+    for _ in range(2):
+        with torch.inference_mode(), model.base_model.adapter_routes([["g", "a"], ["g", "b"]]):
+            mixed = model.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(mixed, torch.cat(per_task), atol=1e-5, rtol=1e-5)
+
+
+def _fresh_copy(model):
+    """A newly built model (same base CLIP, same adapters) holding ``model``'s current weights."""
+    fresh = _mmap(make_clip(), names=tuple(model.peft_config)).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def _assert_serves_like_a_fresh_model(model, batch, previous=None):
+    """Outputs without autograd equal a fresh model's and, given ``previous`` outputs, moved away from them."""
+    got = _outputs(model, batch, "inference")
+    for tensor, want in zip(got, _outputs(_fresh_copy(model), batch, "grad"), strict=True):
+        torch.testing.assert_close(tensor, want, atol=1e-5, rtol=1e-5)
+    if previous is not None:  # the update matters, so stale prompts could not pass the check above
+        assert all((a - b).abs().max() > 1e-2 for a, b in zip(got[:2], previous[:2], strict=True))
+    return got
+
+
+def test_outputs_without_autograd_follow_every_kind_of_parameter_update(clip, batch):
+    model = _mmap(clip).eval()
+    outputs = _assert_serves_like_a_fresh_model(model, batch)  # also fills the constant prompts
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # An optimizer step (in place).
+    optimizer = torch.optim.SGD(trainable, lr=20.0)
+    model(**batch).logits_per_image.logsumexp(-1).sum().backward()
+    optimizer.step()
+    outputs = _assert_serves_like_a_fresh_model(model, batch, outputs)
+    # load_state_dict of the adapter weights (in-place copies).
+    state = {k: 3 * v + 1 for k, v in model.state_dict().items() if "mmap_" in k}
+    model.load_state_dict(state, strict=False)
+    outputs = _assert_serves_like_a_fresh_model(model, batch, outputs)
+    # New storage behind the same parameter objects (same version counters), as Module.to(...) does.
+    with torch.no_grad():
+        for p in trainable:
+            p.data = p.data + 1.0
+    outputs = _assert_serves_like_a_fresh_model(model, batch, outputs)
+    # Frozen adapters under grad mode are constants too, and follow updates as well.
+    for p in trainable:
+        p.requires_grad_(False)
+    _outputs(model, batch, "grad")
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.5)
+    got = _outputs(model, batch, "grad")
+    for tensor, want in zip(got, _outputs(_fresh_copy(model), batch, "no_grad"), strict=True):
+        torch.testing.assert_close(tensor, want, atol=1e-5, rtol=1e-5)
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(got[:2], outputs[:2], strict=True))
+
+
+def test_outputs_without_autograd_follow_a_recreated_adapter(clip, batch):
+    model = _mmap(clip).eval()
+    before = _outputs(model, batch, "inference")
+    config = model.peft_config["art"]
+    model.base_model.delete_adapter("art")
+    model.add_adapter("art", config)
+    model.base_model.set_adapter(["group0", "art"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".art"):
+                p.normal_(std=3.0)
+    _assert_serves_like_a_fresh_model(model, batch, before)

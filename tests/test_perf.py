@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +17,20 @@ from peft_mmap import MmAPConfig
 from peft_mmap.classifier import TaskSpec
 from peft_mmap.multitask import MultiTaskMmAP
 from peft_mmap.perf import (
-    GOALS,
     OFFICE_HOME_CLASSES,
+    SERVING,
+    TRAIN_METHODS,
     add_perf_arguments,
+    interleaved_seconds,
     perf_clip_config,
+    quartiles,
+    ratio_spread,
     run_perf,
     saved_tensor_bytes,
     word_tokenizer,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = [
     TaskSpec("art", ["cat", "dog", "bird"]),
@@ -94,6 +104,31 @@ def test_cache_is_invalidated_by_an_optimizer_step_and_a_new_adapter(tokenizer):
     assert any(p is model.peft_model.base_model.mmap_source["extra"] for p in model._watched[1])
 
 
+def test_serving_with_task_switching_follows_training_like_a_fresh_model(tokenizer):
+    model = make_mmap(tokenizer)
+    torch.manual_seed(4)
+    pixels = torch.randn(3, 3, 16, 16)
+
+    def serve(classifier: MultiTaskMmAP) -> list[torch.Tensor]:
+        """Batch-1 calls switching task every call, then one mixed-task batch (the serving patterns)."""
+        with torch.inference_mode():
+            calls = [classifier(pixels[i : i + 1], spec.name) for i, spec in enumerate(TASKS)]
+            return [*calls, classifier(pixels, ["product", "art", "clipart"])]
+
+    before = serve(model)  # fills the text cache and the constant prompts
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+    sum(model(pixels, spec.name).logsumexp(-1).sum() for spec in TASKS).backward()
+    optimizer.step()
+    model.eval()
+    fresh = make_mmap(tokenizer)
+    fresh.load_state_dict(model.state_dict())
+    after, expected = serve(model), serve(fresh)
+    for got, want, old in zip(after, expected, before, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, old, atol=1e-3)
+
+
 def test_mixed_batch_with_repeated_tasks_equals_per_task_batches_and_gradients(tokenizer):
     model = make_mmap(tokenizer).train()
     torch.manual_seed(3)
@@ -160,32 +195,93 @@ def test_saved_tensor_bytes_counts_activations_but_not_parameters():
     assert saved[0] == 2 * 4 * 8 * 4  # the input of the linear and the output of the relu, fp32
 
 
-def test_perf_command_writes_json_with_the_required_keys(tmp_path, capsys):
+def test_interleaved_seconds_runs_round_robin_with_a_rotating_start():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "ABC"}
+    times = interleaved_seconds(calls, rounds=4, warmup=1, device=torch.device("cpu"))
+    assert order == list("ABC" + "ABC" + "BCA" + "CAB" + "ABC")
+    assert {k: len(v) for k, v in times.items()} == {"A": 4, "B": 4, "C": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_quartiles_and_ratio_spread():
+    assert quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0}
+    assert quartiles([2.0]) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
+    spread = ratio_spread([2.0, 4.0, 6.0], [1.0, 1.0, 2.0])  # per-round ratios 2, 4, 3
+    assert spread == {"value": 4.0, "q1": 2.5, "q3": 3.5}
+    with pytest.raises(ValueError):
+        ratio_spread([1.0, 2.0], [1.0])
+
+
+def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> None:
+    """The keys `peft-mmap perf` promises, with consistent spreads and FLOP ratios."""
+    assert set(result["train"]) == methods
+    for entry in result["train"].values():
+        q = entry["step_s"]
+        assert 0 < q["q1"] <= q["median"] <= q["q3"] and len(entry["rounds_s"]) == result["rounds"]
+        assert entry["gflop"] == pytest.approx(entry["gflop_forward"] + entry["gflop_backward"])
+        assert entry["gflop_forward"] > 0 and entry["peak_mem_mb"] >= 0 and entry["mfu"] > 0
+    # A frozen weight gets no gradient: full fine-tuning's backward costs more than its forward, VPT's less.
+    train = result["train"]
+    if {"full_ft", "vpt_deep"} <= methods:
+        assert train["full_ft"]["gflop_backward"] > train["full_ft"]["gflop_forward"]
+        assert train["vpt_deep"]["gflop_backward"] < train["vpt_deep"]["gflop_forward"]
+    for other in methods - {"mmap"}:
+        ratio = result["train_ratios"][f"mmap_over_{other}"]
+        assert ratio["flops"] == pytest.approx(train["mmap"]["gflop"] / train[other]["gflop"])
+        assert ratio["time_per_flop"]["value"] == pytest.approx(ratio["time"]["value"] / ratio["flops"])
+    assert [entry["batch"] for entry in result["infer"].values()] == batches
+    for entry in result["infer"].values():
+        assert set(entry["img_per_s"]) == set(entry["gflop"]) == set(SERVING)
+        floor = entry["ratios"]["mmap_over_zeroshot"]["flop_floor"]
+        assert floor == pytest.approx(entry["gflop"]["zeroshot"] / entry["gflop"]["mmap"]) and floor < 1
+    assert result["text"]["tokens_dynamic"] < 77
+    for goal in result["goals"].values():
+        assert isinstance(goal["met"], bool) and goal["q1"] <= goal["q3"]
+    assert "infer_b1_mmap_over_zeroshot" in result["goals"]
+
+
+def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
+    from peft_mmap.cli import main
+
+    options = "perf --arch tiny --batch 2 --infer-batches 1,2 --rounds 2 --warmup 0 --peak-tflops 1"
+    main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "perf.json").read_text())
+    _check_perf_json(result, {"mmap", "vpt_deep", "full_ft"}, [1, 2])
+    report = (tmp_path / "perf.md").read_text()
+    assert "| `mmap` |" in report and "| vpt_deep |" in report and "| 2 |" in report
+    assert "| `mmap` |" in capsys.readouterr().out
     parser = argparse.ArgumentParser()
     add_perf_arguments(parser)
-    options = "--arch tiny --batch 4 --steps 1 --warmup 0 --peak-tflops 1 --output"
-    args = parser.parse_args([*options.split(), str(tmp_path)])
-    run_perf(args)
-    result = json.loads((tmp_path / "perf.json").read_text())
-    assert {
-        "arch",
-        "device",
-        "batch",
-        "train_step_s",
-        "peak_mem_mb",
-        "infer_img_per_s",
-        "text_step_s",
-        "ratios",
-    } <= set(result)
-    methods = {"mmap", "vpt_deep", "coop", "maple", "full_ft"}
-    assert set(result["train_step_s"]) == set(result["peak_mem_mb"]) == methods
-    assert all(v > 0 for v in result["train_step_s"].values())
-    assert set(result["infer_img_per_s"]) == {"zeroshot", "mmap_cached", "mmap_mixed"}
-    assert {"dynamic", "pad77"} <= set(result["text_step_s"])
-    assert set(result["ratios"]) == set(GOALS)
-    assert all(isinstance(r["met"], bool) for r in result["ratios"].values())
-    assert result["train_flops"]["mmap"] > 0 and result["mfu"]["mmap"] > 0
-    assert "| `mmap` |" in (tmp_path / "perf.md").read_text()
-    assert "| `mmap` |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--arch", "vit-h14"])
+    for bad in (["--arch", "vit-h14"], ["--infer-batches", "1,0"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    with pytest.raises(ValueError, match="--methods"):
+        run_perf(parser.parse_args(["--methods", "mmap,nope"]))
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
+    env = dict(os.environ, DEVICE="cpu", ARCH="tiny", PRECISION="fp32", BATCH="2", INFER_BATCHES="1,2")
+    env |= {"ROUNDS": "1", "WARMUP": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "perf.json").read_text())
+    _check_perf_json(result, set(TRAIN_METHODS), [1, 2])
+    assert result["peak_tflops"] == 989 and result["batch"] == 2
+    assert "## mmap" in (tmp_path / "out" / "profile.md").read_text()
+
+
+def test_perf_module_does_not_import_the_command_line():
+    code = (
+        "import argparse, sys, peft_mmap.perf as perf; perf.add_perf_arguments(argparse.ArgumentParser()); "
+        "print('peft_mmap.cli' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
