@@ -155,8 +155,10 @@ def test_pretraining_language_is_a_broad_shifted_world() -> None:
         pairs = [(c, t) for d, c, t in zip(domains, classes, captions, strict=True) if d == domain]
         return sum(c.split("_")[0] in t for c, t in pairs) / len(pairs)
 
-    assert named("Photo") > 0.5 > 0.4 > named("Sketch")  # sketches are mostly captioned without the name
+    assert named("Photo") > 0.5 and named("Sketch") < 0.6 * named("Photo")  # sketches: often no name
+    assert named("Clipart") > named("Sketch")
     text = " ".join(captions)
     assert "automobile" in text and "toadstool" in text  # synonyms
+    assert text.count("bolt") > 2 * text.count("lightning") > 0  # a benchmark label that is rare on the web
     assert " red " in text and " small " in text and "on the left" in text  # attributes
     assert sample_captions(0, 50) == sample_captions(0, 50)
