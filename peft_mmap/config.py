@@ -7,6 +7,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from .options import DEFAULT_PROMPT_LENGTH, DEFAULT_SOURCE_SHAPE
 from .registration import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
@@ -35,11 +36,11 @@ class MmAPConfig(PeftConfig):
     """
 
     prompt_length: int = field(
-        default=4,
+        default=DEFAULT_PROMPT_LENGTH,
         metadata={"help": "b: prompt tokens per layer and tower; must be divisible by source_shape[0]."},
     )
     source_shape: tuple[int, int] = field(
-        default=(2, 8),
+        default=DEFAULT_SOURCE_SHAPE,
         metadata={"help": "(m, n): shape of each layer's source prompt; n must divide both hidden sizes."},
     )
     depth: int | None = field(

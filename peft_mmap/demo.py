@@ -47,7 +47,7 @@ def demo_spec(
 ) -> BenchmarkSpec:
     """The demo's benchmark settings: the paper's optimiser (SGD, lr 0.0035, batch 16) on 6-shot splits.
 
-    ``quick`` trains 2 epochs instead of 5, on one seed, with fewer methods (about 2 minutes on 2 cores).
+    ``quick`` trains 2 epochs instead of 5, on one seed, with fewer methods (the README gives measured times).
     """
     return BenchmarkSpec(
         methods=list(methods or (QUICK_METHODS if quick else DEMO_METHODS)),
@@ -116,5 +116,6 @@ def run_demo(
         adapters = Path(output_dir) / "runs" / "mmap" / f"seed{spec.seeds[0]}" / "adapters"
         results["task_switching"] = show_task_switching(model_id, adapters, bench, spec.seeds[0], log=log)
         atomic_write_json(Path(output_dir) / "results.json", results)
+        log(f"\nMmAP adapters: {adapters} (MultiTaskMmAP.from_pretrained(model, that folder))")
     log(f"\nresults: {Path(output_dir) / 'results.json'} ({time.monotonic() - started:.0f}s in all)")
     return results

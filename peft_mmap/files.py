@@ -13,10 +13,10 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file
+if TYPE_CHECKING:  # torch is imported where tensors are read, so the CLI's --help stays fast
+    import torch
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -95,6 +95,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
 
 def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Read a safetensors file (never pickle) with a clear error for a missing, truncated or corrupted file."""
+    from safetensors.torch import load_file
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")

@@ -31,7 +31,6 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,29 +40,11 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from .baselines import build_method
 from .classifier import CLIPTaskClassifier, TaskSpec
 from .config import MmAPConfig
-from .data import OFFICE_HOME_DOMAINS
+from .data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
 from .files import atomic_write_json, atomic_write_text
-from .params import ARCHS, clip_config
-
-#: The 65 Office-Home classes (folder names, lower case, underscores as spaces).
-OFFICE_HOME_CLASSES: tuple[str, ...] = (
-    "alarm clock", "backpack", "batteries", "bed", "bike", "bottle", "bucket", "calculator", "calendar",
-    "candles", "chair", "clipboards", "computer", "couch", "curtains", "desk lamp", "drill", "eraser",
-    "exit sign", "fan", "file cabinet", "flipflops", "flowers", "folder", "fork", "glasses", "hammer",
-    "helmet", "kettle", "keyboard", "knives", "lamp shade", "laptop", "marker", "monitor", "mop", "mouse",
-    "mug", "notebook", "oven", "pan", "paper clip", "pen", "pencil", "postit notes", "printer", "push pin",
-    "radio", "refrigerator", "ruler", "scissors", "screwdriver", "shelf", "sink", "sneakers", "soda",
-    "speaker", "spoon", "table", "telephone", "toothbrush", "toys", "trash can", "tv", "webcam",
-)  # fmt: skip
-
-#: Training methods: perf name -> (registry name, builder options; ``"2b"`` = MmAP's tokens per layer).
-TRAIN_METHODS: dict[str, tuple[str, dict]] = {
-    "mmap": ("mmap", {}),
-    "vpt_deep": ("vpt_mt", {"prompt_length": "2b"}),
-    "coop": ("coop_mt", {}),
-    "maple": ("maple_mt", {}),
-    "full_ft": ("full_ft_mt", {}),
-}
+from .options import PERF_METHODS as TRAIN_METHODS
+from .options import TINY_ARCH
+from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares).
 GOALS: dict[str, tuple[str, float, str]] = {
@@ -74,8 +55,6 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "text_pad77_over_dynamic": (">=", 3.0, "text tower step time, 77 tokens / longest prompt"),
 }
 
-TINY_ARCH = "tiny"
-PRECISIONS = ("fp32", "bf16")
 _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -425,40 +404,6 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``peft-mmap perf``."""
-    from .cli import non_negative_int, positive_float, positive_int
-
-    parser.add_argument(
-        "--arch",
-        default="vit-b16",
-        choices=[*sorted(ARCHS), TINY_ARCH],
-        help="CLIP shapes (default vit-b16).",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
-    parser.add_argument("--batch", type=positive_int, default=8, help="images per step (default 8).")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed repetitions (default 3).")
-    parser.add_argument(
-        "--warmup",
-        type=non_negative_int,
-        default=1,
-        help="untimed repetitions (default 1; training always has one).",
-    )
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast.")
-    parser.add_argument(
-        "--methods",
-        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
-        help=f"comma-separated training methods (default all: {','.join(TRAIN_METHODS)}).",
-    )
-    parser.add_argument(
-        "--peak-tflops", type=positive_float, help="device dense peak TFLOP/s for --precision (gives MFU)."
-    )
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument(
-        "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
-    )
-
-
 def run_perf(args: argparse.Namespace) -> dict:
     """Run `run_benchmark` with the parsed options; write ``perf.json`` and ``perf.md``; print the table."""
     if args.threads is not None:
@@ -482,12 +427,9 @@ def run_perf(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m peft_mmap.perf``: the same as ``peft-mmap perf``."""
-    parser = argparse.ArgumentParser(prog="python -m peft_mmap.perf", description=__doc__.splitlines()[0])
-    add_perf_arguments(parser)
-    run_perf(parser.parse_args(argv))
+if __name__ == "__main__":  # ``python -m peft_mmap.perf``: the same as ``peft-mmap perf``
+    import sys
 
+    from .cli import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["perf", *sys.argv[1:]]))

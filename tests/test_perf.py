@@ -11,11 +11,11 @@ from conftest import make_clip
 
 from peft_mmap import MmAPConfig
 from peft_mmap.classifier import TaskSpec
+from peft_mmap.cli import add_perf_arguments
 from peft_mmap.multitask import MultiTaskMmAP
 from peft_mmap.perf import (
     GOALS,
     OFFICE_HOME_CLASSES,
-    add_perf_arguments,
     perf_clip_config,
     run_perf,
     saved_tensor_bytes,
