@@ -481,6 +481,8 @@ def run_train(args: argparse.Namespace) -> None:
     splits = load_splits(args)
     groups = read_groups(args.groups) if args.groups else args.groups_inline
     check_groups(groups, list(splits))
+    if not groups and args.no_task_adapters:
+        raise ValueError("--no-task-adapters leaves no adapter to train: give --groups or --groups-inline.")
     if find_checkpoint(args.output) is not None and not args.resume:
         raise FileExistsError(
             f"{args.output} already holds a training checkpoint; pass --resume or use a new --output."

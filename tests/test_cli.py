@@ -200,6 +200,7 @@ def early_refusals(root: Path, out: Path) -> dict[str, list[str]]:
             f"{out / 'existing.json'} --adapters {out / 'run'}",
             "existing checkpoint without --resume": f"{train} {out / 'done'}",
             "--epoch 2 (no abbreviations)": f"{train} {out / 'run'} --epoch 2",
+            "--no-task-adapters without groups": f"{train} {out / 'run'} --no-task-adapters",
         }.items()
     }
 
@@ -212,6 +213,7 @@ REFUSALS = {
     "--layout officehome with a split file": "has classes that are not Office-Home classes",
     "existing checkpoint without --resume": "already holds a training checkpoint; pass --resume",
     "--epoch 2 (no abbreviations)": "unrecognized arguments: --epoch 2",
+    "--no-task-adapters without groups": "--no-task-adapters leaves no adapter to train",
 }
 
 

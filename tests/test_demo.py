@@ -29,3 +29,4 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert (output / "runs" / "mmap" / "seed1" / "adapters" / "mmap_manifest.json").is_file()
     out = capsys.readouterr().out
     assert "Average" in out and "task switching" in out
+    assert f"MmAP adapters: {output / 'runs' / 'mmap' / 'seed1' / 'adapters'}" in out
