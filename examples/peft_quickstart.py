@@ -28,7 +28,8 @@ def main() -> None:
     model_id = args.model or str(peft_mmap.TINY_CLIP_PATH)
 
     clip = CLIPModel.from_pretrained(model_id).eval()
-    processor = CLIPProcessor.from_pretrained(model_id)
+    # PIL explicitly: the same pixels whether or not torchvision is installed
+    processor = CLIPProcessor.from_pretrained(model_id, backend="pil")
     config = peft_mmap.MmAPConfig(prompt_length=4, source_shape=(2, 8))
     model = get_peft_model(clip, config, adapter_name="group0")
     model.add_adapter("art", config)

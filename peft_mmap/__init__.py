@@ -1,43 +1,71 @@
 """peft_mmap: Multi-modal Alignment Prompts (MmAP) for CLIP as a Hugging Face PEFT method.
 
 ``import peft_mmap`` registers the ``"MMAP"`` method with peft, so ``get_peft_model(clip, MmAPConfig(...))``
-and ``PeftModel.from_pretrained(clip, "<dir>")`` work.
+and ``PeftModel.from_pretrained(clip, "<dir>")`` work, whichever of peft and peft_mmap is imported first.
+
+The import itself is light (no torch, transformers or peft): each public name is imported from its module
+on first use, and registration happens once peft is imported (`peft_mmap._autoregister`).
 """
 
-from .config import MmAPConfig
-from .hub import adapter_parameter_counts, model_card, push_to_hub, save_model_card
-from .layer import MmAPLayer
-from .model import MmAPModel
-from .registration import MMAP_PEFT_TYPE, register
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from ._autoregister import register_with_peft
 
 __version__ = "0.1.0"
 
-register()
-
-# The rest of the public API builds on the registered method.
-from .affinity import AffinityResult, save_affinity, task_affinity  # noqa: E402
-from .baselines import METHODS, build_method  # noqa: E402
-from .bench import Benchmark, BenchmarkSpec, run_shot_sweep  # noqa: E402
-from .classifier import CLIPTaskClassifier, TaskSpec  # noqa: E402
-from .data import (  # noqa: E402
-    ImageClassificationDataset,
-    TaskFolder,
-    TaskSplit,
-    domainnet,
-    few_shot_split,
-    load_split,
-    load_task_folders,
-    office_home,
-    save_split,
-    scan_image_folder,
-)
-from .demo import run_demo  # noqa: E402
-from .evaluate import evaluate, results_table_markdown, summarize, write_results_json  # noqa: E402
-from .grouping import group_tasks, grouping_score  # noqa: E402
-from .multitask import MultiTaskMmAP  # noqa: E402
-from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark  # noqa: E402
-from .tiny_clip import TINY_CLIP_PATH, load_tiny_clip  # noqa: E402
-from .train import NonFiniteLossError, TrainConfig, TrainResult, train  # noqa: E402
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "MmAPConfig": "config",
+    "adapter_parameter_counts": "hub",
+    "model_card": "hub",
+    "push_to_hub": "hub",
+    "save_model_card": "hub",
+    "MmAPLayer": "layer",
+    "MmAPModel": "model",
+    "MMAP_PEFT_TYPE": "registration",
+    "AffinityResult": "affinity",
+    "save_affinity": "affinity",
+    "task_affinity": "affinity",
+    "METHODS": "baselines",
+    "build_method": "baselines",
+    "Benchmark": "bench",
+    "BenchmarkSpec": "bench",
+    "run_shot_sweep": "bench",
+    "CLIPTaskClassifier": "classifier",
+    "TaskSpec": "classifier",
+    "ImageClassificationDataset": "data",
+    "TaskFolder": "data",
+    "TaskSplit": "data",
+    "domainnet": "data",
+    "few_shot_split": "data",
+    "load_split": "data",
+    "load_task_folders": "data",
+    "office_home": "data",
+    "save_split": "data",
+    "scan_image_folder": "data",
+    "run_demo": "demo",
+    "evaluate": "evaluate",
+    "results_table_markdown": "evaluate",
+    "summarize": "evaluate",
+    "write_results_json": "evaluate",
+    "group_tasks": "grouping",
+    "grouping_score": "grouping",
+    "MultiTaskMmAP": "multitask",
+    "SYNTHETIC_CLASSES": "synthetic",
+    "SYNTHETIC_DOMAINS": "synthetic",
+    "generate_benchmark": "synthetic",
+    "TINY_CLIP_PATH": "tiny_clip",
+    "load_tiny_clip": "tiny_clip",
+    "NonFiniteLossError": "train",
+    "TrainConfig": "train_config",
+    "TrainResult": "train",
+    "train": "train",
+}
 
 __all__ = [
     "METHODS",
@@ -87,3 +115,68 @@ __all__ = [
     "train",
     "write_results_json",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+#: Public functions named like the submodule that defines them (``train``, ``evaluate``).
+_SHADOWED = frozenset(name for name, module in _EXPORTS.items() if name == module)
+
+
+class _Package(types.ModuleType):
+    """The package keeps ``peft_mmap.train`` and ``peft_mmap.evaluate`` the public functions of those names.
+
+    Importing a submodule binds it on its package (``peft_mmap.train = <module>``), which would replace the
+    function once the submodule is imported lazily; the submodule stays in ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+register_with_peft()
+
+if TYPE_CHECKING:
+    from .affinity import AffinityResult, save_affinity, task_affinity
+    from .baselines import METHODS, build_method
+    from .bench import Benchmark, BenchmarkSpec, run_shot_sweep
+    from .classifier import CLIPTaskClassifier, TaskSpec
+    from .config import MmAPConfig
+    from .data import (
+        ImageClassificationDataset,
+        TaskFolder,
+        TaskSplit,
+        domainnet,
+        few_shot_split,
+        load_split,
+        load_task_folders,
+        office_home,
+        save_split,
+        scan_image_folder,
+    )
+    from .demo import run_demo
+    from .evaluate import evaluate, results_table_markdown, summarize, write_results_json
+    from .grouping import group_tasks, grouping_score
+    from .hub import adapter_parameter_counts, model_card, push_to_hub, save_model_card
+    from .layer import MmAPLayer
+    from .model import MmAPModel
+    from .multitask import MultiTaskMmAP
+    from .registration import MMAP_PEFT_TYPE
+    from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark
+    from .tiny_clip import TINY_CLIP_PATH, load_tiny_clip
+    from .train import NonFiniteLossError, TrainResult, train
+    from .train_config import TrainConfig

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPModel
 
 from .affinity import save_affinity, task_affinity
 from .baselines import METHODS, build_method
-from .classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec
+from .classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec, load_clip_processor
 from .config import MmAPConfig
 from .data import ImageClassificationDataset, TaskFolder, TaskSplit, few_shot_split, load_split, save_split
 from .evaluate import (
@@ -36,6 +36,7 @@ from .evaluate import (
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json
 from .grouping import group_tasks
 from .multitask import MultiTaskMmAP
+from .options import DEFAULT_NUM_GROUPS
 from .train import TrainConfig, find_checkpoint, train
 
 #: How methods are trained: ``"recipes"`` gives each method its own recipe (`peft_mmap.baselines.RECIPES`:
@@ -64,7 +65,8 @@ class BenchmarkSpec:
         shots / fraction: training images per class (exactly one of them).
         train: trainer settings (the seed is replaced by each run's seed).
         mmap: MmAP config of the MmAP methods.
-        num_groups: number of task groups for gradient-based grouping (``None``: the best number).
+        num_groups: number of task groups for gradient-based grouping (default
+            `peft_mmap.options.DEFAULT_NUM_GROUPS`, at most one per task; ``None``: the best number).
         groups: fixed groups instead of grouping (skips the affinity run).
         affinity_snapshots: snapshots averaged by the grouping run.
         affinity_train: trainer settings of the grouping run (default: ``train``).
@@ -82,7 +84,7 @@ class BenchmarkSpec:
     fraction: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     mmap: MmAPConfig = field(default_factory=MmAPConfig)
-    num_groups: int | None = 2
+    num_groups: int | None = DEFAULT_NUM_GROUPS
     groups: list[list[str]] | None = None
     affinity_snapshots: int = 10
     affinity_train: TrainConfig | None = None
@@ -153,7 +155,7 @@ class Benchmark:
         self.progress = progress
         self.log = log
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.processor = CLIPProcessor.from_pretrained(self.model_id)
+        self.processor = load_clip_processor(self.model_id)
         self._base = CLIPModel.from_pretrained(self.model_id).eval()
         self._seed_data: dict[int, SeedData] = {}
 
@@ -298,10 +300,15 @@ def _common_root(folders: Mapping[str, TaskFolder]) -> Path:
     return Path(os.path.commonpath([str(f.root) for f in folders.values()]))
 
 
-def _mean_std(methods: Mapping[str, Mapping]) -> dict[str, dict[str, tuple[float, float]]]:
+def _mean_std(methods: Mapping[str, Mapping]) -> dict[str, dict[str, float | tuple[float, float]]]:
+    """Table cells: ``(mean, std)`` over several runs, the plain accuracy of a single run."""
+
+    def cell(entry: Mapping, key: str, mean: float) -> float | tuple[float, float]:
+        return mean if len(entry["runs"]) == 1 else (mean, entry["std"][key])
+
     return {
-        name: {**{t: (acc, entry["std"][t]) for t, acc in entry["tasks"].items()},
-               AVERAGE: (entry["average"], entry["std"][AVERAGE])}
+        name: {**{t: cell(entry, t, acc) for t, acc in entry["tasks"].items()},
+               AVERAGE: cell(entry, AVERAGE, entry["average"])}
         for name, entry in methods.items()
     }  # fmt: skip
 
@@ -318,16 +325,15 @@ def benchmark_markdown(methods: Mapping[str, Mapping], task_order: Sequence[str]
 
 
 def ablation_markdown(methods: Mapping[str, Mapping]) -> str:
-    """Table 3 layout (task-specific / group-shared MmAP) for the ablation methods that were run."""
+    """Table 3 layout (task-specific / group-shared MmAP) when at least two of its variants were run."""
     rows = [(m, t, g) for m, t, g in ABLATION_ROWS if m in methods]
-    if not rows:
+    if len(rows) < 2:  # one row compares nothing
         return ""
     lines = ["| Method | Task-specific | Group-shared | Average |", "|:---|:---:|:---:|---:|"]
     for name, task, group in rows:
         entry = methods[name]
-        lines.append(
-            f"| `{name}` | {task} | {group} | {entry['average']:.2f} ± {entry['std'][AVERAGE]:.2f} |"
-        )
+        spread = f" ± {entry['std'][AVERAGE]:.2f}" if len(entry["runs"]) > 1 else ""
+        lines.append(f"| `{name}` | {task} | {group} | {entry['average']:.2f}{spread} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ trainer, evaluation and benchmark code only use the interface defined here.
 from __future__ import annotations
 
 import operator
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,10 @@ from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
 )
-from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel, CLIPProcessor, PreTrainedTokenizerBase
 
 from .files import check_safe_name
-
-DEFAULT_TEMPLATE = "a photo of a {}."
+from .options import DEFAULT_TEMPLATE
 
 
 class _RegistrationCounter:
@@ -95,6 +95,16 @@ def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[
             raise ValueError(f"Duplicate task name {spec.name!r}.")
         by_name[spec.name] = spec
     return by_name
+
+
+def load_clip_processor(model: str | os.PathLike, **kwargs) -> CLIPProcessor:
+    """``CLIPProcessor.from_pretrained(model)`` with the PIL image backend, chosen explicitly.
+
+    transformers (>= 5.4) otherwise picks torchvision when it is installed and PIL when it is not, so the
+    pixel values, and every accuracy, would depend on what else is installed. PIL matches the original CLIP
+    preprocessing (a PIL bicubic resize) and is the backend the shipped tiny CLIP was trained with.
+    """
+    return CLIPProcessor.from_pretrained(model, backend="pil", **kwargs)
 
 
 class CLIPTaskClassifier(nn.Module):

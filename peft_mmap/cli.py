@@ -1,8 +1,14 @@
-"""The ``peft-mmap`` command line: ``group`` (task affinity + grouping), ``train`` and ``eval``.
+"""The ``peft-mmap`` command line: ``group`` (task affinity + grouping), ``train``, ``eval`` and the apps.
 
 Every subcommand is one `Subcommand` entry in `SUBCOMMANDS`: a name, a help line, a function adding its
 arguments and a function running it with the parsed namespace. Bad values end in an argparse error (exit
-code 2) naming the value, never a traceback.
+code 2) naming the value, never a traceback; each command checks everything it can (model reference, data
+layout, split, groups, existing checkpoints, unreadable images) before its expensive step, and writes
+nothing when a check fails.
+
+This module imports only the standard library and torch-free modules (`peft_mmap.options`,
+`peft_mmap.train_config`, `peft_mmap.files`), so ``peft-mmap --help`` and ``peft-mmap <command> --help``
+answer without importing torch, transformers or peft; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -10,33 +16,52 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import CLIPModel, CLIPProcessor
+from typing import TYPE_CHECKING, NoReturn
 
 from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from .classifier import DEFAULT_TEMPLATE, TaskSpec
-from .config import MmAPConfig
-from .data import (
-    LAYOUTS,
-    ImageClassificationDataset,
-    TaskSplit,
-    few_shot_split,
-    load_split,
-    load_task_folders,
-    save_split,
-)
 from .files import atomic_write_json, read_json
+from .options import (
+    ARCHS,
+    DEFAULT_NUM_GROUPS,
+    DEFAULT_PROMPT_LENGTH,
+    DEFAULT_SOURCE_SHAPE,
+    DEFAULT_TEMPLATE,
+    LAYOUTS,
+    PERF_INFER_BATCHES,
+    PERF_METHODS,
+    PERF_PRECISIONS,
+    TINY_ARCH,
+)
+from .train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .classifier import TaskSpec
+    from .config import MmAPConfig
+    from .data import ImageClassificationDataset, TaskSplit
+    from .train import TrainResult
 
 logger = logging.getLogger(__name__)
 
 GROUPS_JSON = "groups.json"
 DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
-ADAPTERS_DIR = "adapters"
+BEST = "best"
+"""``--num-groups best``: the partition with the highest total within-group similarity, any number of groups."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors print the message and where the options are, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(all options: {self.prog} --help)\n")
 
 
 # ---- argument types --------------------------------------------------------------------------------------
@@ -55,10 +80,55 @@ def inline_groups(text: str) -> list[list[str]]:
     return groups
 
 
+def num_groups_type(text: str) -> int | str:
+    """``--num-groups``: a positive integer or ``best``."""
+    if text == BEST:
+        return BEST
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or '{BEST}', got {text!r}") from None
+
+
+num_groups_type.__name__ = f"a positive integer or '{BEST}'"
+
+
+def check_model(text: str) -> str:
+    """A model reference that can be loaded: a local folder holding a CLIP checkpoint (``config.json``), or
+    a hub id ``org/name``. Only the form is checked here; nothing is loaded or downloaded.
+
+    Raises:
+        ValueError: naming ``text`` and what was expected.
+    """
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{text!r} is a folder without config.json; expected a CLIPModel saved with save_pretrained."
+            )
+        return str(path)
+    if path.exists():
+        raise ValueError(
+            f"{text!r} is a file; expected a checkpoint folder or a hub id of the form org/name."
+        )
+    if not HUB_ID.fullmatch(text):
+        raise ValueError(f"{text!r} is not a local folder, and not a hub id of the form org/name.")
+    return text
+
+
+def model_id(text: str) -> str:
+    """``--model``: see `check_model`."""
+    try:
+        return check_model(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # ---- shared argument groups ------------------------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "--model",
+        type=model_id,
         required=required,
         help="CLIP checkpoint: hub id (e.g. openai/clip-vit-base-patch16) or local folder with CLIPModel + CLIPProcessor.",
     )
@@ -76,8 +146,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, single_run: bool = True)
         "--layout",
         choices=LAYOUTS,
         default="generic",
-        help="generic: <root>/<task>/<class>/<img>; officehome: Art/Clipart/Product/Real World; "
-        "domainnet: clipart/painting/real/sketch (optionally with --split-dir).",
+        help="generic: <root>/<task>/<class>/<img>; officehome: Art/Clipart/Product/Real World (Office-Home "
+        "classes only); domainnet: clipart/painting/real/sketch (optionally with --split-dir).",
     )
     data.add_argument(
         "--split-dir", type=Path, help="domainnet: folder with <domain>_train.txt/<domain>_test.txt."
@@ -107,9 +177,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, single_run: bool = True)
     )
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+def add_num_groups_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--num-groups",
+        type=num_groups_type,
+        help=f"number of task groups (default {DEFAULT_NUM_GROUPS}, or one group per task if there are fewer "
+        f"tasks); '{BEST}': the highest total within-group similarity, any number of groups.",
+    )
 
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs}).")
@@ -142,7 +219,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-epochs",
         type=non_negative_int,
         default=d.warmup_epochs,
-        help="constant warm-up epochs (default 0).",
+        help=f"constant warm-up epochs (default {d.warmup_epochs}).",
     )
     opt.add_argument(
         "--warmup-lr",
@@ -151,39 +228,47 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"warm-up learning rate (default {d.warmup_lr}).",
     )
     opt.add_argument(
-        "--precision", choices=PRECISIONS, default=d.precision, help="fp32, bf16 or fp16 (CUDA) autocast."
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help=f"fp32, bf16 or fp16 (CUDA) autocast (default {d.precision}).",
     )
     opt.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute encoder layers to save memory."
     )
     opt.add_argument(
-        "--num-workers", type=non_negative_int, default=d.num_workers, help="DataLoader workers per task."
+        "--num-workers",
+        type=non_negative_int,
+        default=d.num_workers,
+        help=f"DataLoader workers per task (default {d.num_workers}).",
     )
     opt.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick runs).")
     opt.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value.")
-    opt.add_argument("--log-every", type=positive_int, default=d.log_every, help="log losses every N steps.")
+    opt.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=d.log_every,
+        help=f"log losses every N steps with -v (default {d.log_every}).",
+    )
     mmap = parser.add_argument_group("MmAP")
-    m = MmAPConfig()
     mmap.add_argument(
         "--prompt-length",
         type=positive_int,
-        default=m.prompt_length,
-        help=f"b: prompt tokens per layer (default {m.prompt_length}).",
+        default=DEFAULT_PROMPT_LENGTH,
+        help=f"b: prompt tokens per layer (default {DEFAULT_PROMPT_LENGTH}).",
     )
     mmap.add_argument(
         "--source-shape",
         type=positive_int,
         nargs=2,
         metavar=("M", "N"),
-        default=list(m.source_shape),
-        help=f"shape of each source prompt (default {m.source_shape[0]} {m.source_shape[1]}).",
+        default=list(DEFAULT_SOURCE_SHAPE),
+        help=f"shape of each source prompt (default {DEFAULT_SOURCE_SHAPE[0]} {DEFAULT_SOURCE_SHAPE[1]}).",
     )
     mmap.add_argument("--depth", type=positive_int, help="prompted layers (default: all).")
 
 
-def train_config(args: argparse.Namespace):
-    from .train import TrainConfig
-
+def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, optimizer=args.optimizer, scheduler=args.scheduler,
@@ -194,22 +279,62 @@ def train_config(args: argparse.Namespace):
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
+    from .config import MmAPConfig
+
     return MmAPConfig(
         prompt_length=args.prompt_length, source_shape=tuple(args.source_shape), depth=args.depth
     )
 
 
+def num_groups_for(requested: int | str | None, num_tasks: int) -> int | None:
+    """The number of groups to find (``None``: the best number) for ``--num-groups`` and ``num_tasks`` tasks.
+
+    Raises:
+        ValueError: ``--num-groups`` asks for more groups than there are tasks.
+    """
+    if requested == BEST:
+        return None
+    if requested is None:
+        return min(DEFAULT_NUM_GROUPS, num_tasks)
+    if requested > num_tasks:
+        raise ValueError(
+            f"--num-groups {requested} asks for more groups than there are tasks ({num_tasks}); every group "
+            "needs at least one task."
+        )
+    return requested
+
+
 # ---- loading ---------------------------------------------------------------------------------------------
 def device_of(args: argparse.Namespace) -> torch.device:
+    import torch
+
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_model(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:
-    return CLIPModel.from_pretrained(model_id), CLIPProcessor.from_pretrained(model_id)
+def load_processor(model: str) -> CLIPProcessor:
+    """The checkpoint's processor (PIL image backend, see `peft_mmap.classifier.load_clip_processor`)."""
+    from .classifier import load_clip_processor
+
+    try:
+        return load_clip_processor(model)
+    except OSError as err:
+        raise ValueError(f"--model {model}: {err}") from None
+
+
+def load_clip(model: str) -> CLIPModel:
+    from transformers import CLIPModel
+
+    try:
+        return CLIPModel.from_pretrained(model)
+    except OSError as err:
+        raise ValueError(f"--model {model}: {err}") from None
 
 
 def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
-    """The train/test split of the selected tasks: read from ``--split-file`` or drawn (and saved there)."""
+    """The train/test split of the selected tasks, read from ``--split-file`` or drawn; the data must be of
+    ``--layout``. Writes nothing (see `save_split_file`)."""
+    from .data import check_layout, few_shot_split, load_split, load_task_folders
+
     if args.split_file is not None and args.split_file.is_file():
         splits = load_split(args.split_file, args.data)
         if args.tasks:
@@ -217,23 +342,34 @@ def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
             if unknown:
                 raise ValueError(f"--tasks {unknown} are not in the split file {args.split_file}.")
             splits = {t: splits[t] for t in args.tasks}
+        check_layout(args.layout, {name: split.classnames for name, split in splits.items()}, args.data)
         return splits
     if args.shots is None and args.fraction is None:
         raise ValueError("give --shots K or --fraction F (or an existing --split-file).")
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
-    splits = few_shot_split(folders, shots=args.shots, fraction=args.fraction, seed=args.seed)
-    if args.split_file is not None:
+    return few_shot_split(folders, shots=args.shots, fraction=args.fraction, seed=args.seed)
+
+
+def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> None:
+    """Write a freshly drawn split to ``--split-file`` (once every check has passed)."""
+    from .data import save_split
+
+    if args.split_file is not None and not args.split_file.is_file():
         save_split(splits, args.split_file, args.data)
-    return splits
 
 
 def task_specs(splits: dict[str, TaskSplit], template: str) -> list[TaskSpec]:
+    from .classifier import TaskSpec
+
     return [TaskSpec(name, split.classnames, template) for name, split in splits.items()]
 
 
 def datasets(
     splits: dict[str, TaskSplit], processor: CLIPProcessor, part: str, args: argparse.Namespace
-) -> dict:
+) -> dict[str, ImageClassificationDataset]:
+    """Each task's ``part`` (``train``/``test``) images; unreadable images are reported here, before any work."""
+    from .data import ImageClassificationDataset
+
     return {
         name: ImageClassificationDataset(
             getattr(split, part), processor.image_processor, skip_unreadable=args.skip_unreadable
@@ -255,6 +391,11 @@ def read_groups(path: Path) -> list[list[str]]:
     return groups
 
 
+def is_main_process() -> bool:
+    """Rank 0 under ``torchrun`` (or no ``torchrun``): the process that writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---- subcommands -----------------------------------------------------------------------------------------
 def add_group_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
@@ -263,9 +404,7 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, required=True, help="folder for affinity.json/png and groups.json."
     )
-    parser.add_argument(
-        "--num-groups", type=positive_int, help="exact number of groups (default: best any number)."
-    )
+    add_num_groups_argument(parser)
     parser.add_argument(
         "--snapshots", type=positive_int, default=10, help="similarity snapshots to average (default 10)."
     )
@@ -278,22 +417,25 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_group(args: argparse.Namespace) -> None:
-    from .affinity import save_affinity, task_affinity
+    from .affinity import AFFINITY_JSON, AFFINITY_PNG, save_affinity, task_affinity
     from .grouping import group_tasks
 
+    config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
-    clip, processor = load_model(args.model)
+    num_groups = num_groups_for(args.num_groups, len(splits))
+    processor = load_processor(args.model)
+    train_sets = datasets(splits, processor, "train", args)
+    save_split_file(args, splits)
     result = task_affinity(
-        clip, processor.tokenizer, datasets(splits, processor, "train", args), task_specs(splits, args.template),
-        mmap_config(args), train_config(args), snapshots=args.snapshots, every=args.every, metric=args.metric,
-        device=device_of(args),
+        load_clip(args.model), processor.tokenizer, train_sets, task_specs(splits, args.template), mmap,
+        config, snapshots=args.snapshots, every=args.every, metric=args.metric, device=device_of(args),
     )  # fmt: skip
+    groups = group_tasks(result.matrix, result.task_names, num_groups)
     save_affinity(result, args.output)
-    groups = group_tasks(result.matrix, result.task_names, args.num_groups)
     atomic_write_json(
         args.output / GROUPS_JSON, {"groups": groups, "task_names": result.task_names, "metric": args.metric}
     )
-    print(f"groups: {groups}\nwrote {args.output / GROUPS_JSON}, affinity.json, affinity.png")
+    print(f"groups: {groups}\nwrote {args.output / GROUPS_JSON}, {AFFINITY_JSON}, {AFFINITY_PNG}")
 
 
 def add_train_subcommand_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,28 +453,47 @@ def add_train_subcommand_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .multitask import MultiTaskMmAP
-    from .train import train
+    from .multitask import RUN_ADAPTERS_DIR, MultiTaskMmAP, check_groups
+    from .train import find_checkpoint, train
 
-    config = train_config(args)
+    config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
     groups = read_groups(args.groups) if args.groups else args.groups_inline
-    clip, processor = load_model(args.model)
+    check_groups(groups, list(splits))
+    if not groups and args.no_task_adapters:
+        raise ValueError("--no-task-adapters leaves no adapter to train: give --groups or --groups-inline.")
+    if find_checkpoint(args.output) is not None and not args.resume:
+        raise FileExistsError(
+            f"{args.output} already holds a training checkpoint; pass --resume or use a new --output."
+        )
+    processor = load_processor(args.model)
+    train_sets = datasets(splits, processor, "train", args)
+    save_split_file(args, splits)
     model = MultiTaskMmAP(
-        clip, processor.tokenizer, task_specs(splits, args.template), groups, mmap_config(args),
+        load_clip(args.model), processor.tokenizer, task_specs(splits, args.template), groups, mmap,
         task_adapters=not args.no_task_adapters, base_model_id=args.model,
     )  # fmt: skip
-    result = train(
-        model,
-        datasets(splits, processor, "train", args),
-        config,
-        args.output,
-        resume=args.resume,
-        device=device_of(args),
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        model.save_pretrained(args.output / ADAPTERS_DIR)
-        print(f"trained {result.global_step} steps; adapters saved to {args.output / ADAPTERS_DIR}")
+    result = train(model, train_sets, config, args.output, resume=args.resume, device=device_of(args))
+    if is_main_process():
+        adapters = model.save_pretrained(args.output / RUN_ADAPTERS_DIR)
+        print(train_summary(result, adapters))
+
+
+def train_summary(result: TrainResult, adapters: Path) -> str:
+    """What `train` did: steps, time, first and last loss per task, and where the adapters are."""
+    if not result.history:
+        lines = [f"nothing to train: the checkpoint already holds all {result.global_step} steps."]
+    else:
+        first, last = result.history[0], result.history[-1]
+        width = max(len("task"), *(len(t) for t in first))
+        lines = [
+            f"trained {len(result.history)} steps in {result.elapsed_s:.1f} s ({result.global_step} steps and "
+            f"{result.epoch} complete epochs in all)",
+            f"{'task':<{width}}  first loss  last loss",
+            *(f"{t:<{width}}  {first[t]:>10.4f}  {last[t]:>9.4f}" for t in first),
+        ]
+    lines.append(f"adapters: {adapters}  (peft-mmap eval --adapters {adapters.parent} ...)")
+    return "\n".join(lines)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,38 +511,61 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method-name", default="mmap", help="column/key of this method in the results (default mmap)."
     )
+    parser.add_argument(
+        "--no-zero-shot",
+        action="store_true",
+        help="skip the zero-shot column (the base CLIP without adapters; it doubles the evaluation time).",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, method_result, results_table_text, write_results_json
-    from .multitask import MANIFEST_NAME, MultiTaskMmAP, read_manifest
+    from .baselines import build_method
+    from .evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
+    from .multitask import MultiTaskMmAP, manifest_task_specs, read_manifest, resolve_adapter_folder
 
-    folder = (
-        args.adapters / ADAPTERS_DIR
-        if (args.adapters / ADAPTERS_DIR / MANIFEST_NAME).is_file()
-        else args.adapters
-    )
-    base = args.model or read_manifest(folder)["base_model"]
-    if not base:
-        raise ValueError("the adapters' manifest names no base model: pass --model.")
-    clip, processor = load_model(base)
-    model = MultiTaskMmAP.from_pretrained(clip, folder, tokenizer=processor.tokenizer)
+    zero_shot = "zeroshot"
+    if not args.no_zero_shot and args.method_name == zero_shot:
+        raise ValueError(f"--method-name {zero_shot!r} is the zero-shot column's; choose another name.")
     splits = load_splits(args)
+    if not args.adapters.is_dir():
+        raise FileNotFoundError(f"--adapters {args.adapters} is not a folder.")
+    folder = resolve_adapter_folder(args.adapters)
+    manifest = read_manifest(folder)
+    base = args.model
+    if base is None:
+        if not manifest["base_model"]:
+            raise ValueError("the adapters' manifest names no base model: pass --model.")
+        base = check_model(manifest["base_model"])
+    trained = {t["name"]: t["classnames"] for t in manifest["tasks"]}
     for name, split in splits.items():
-        if name not in model.tasks:
+        if name not in trained:
             raise ValueError(
-                f"task {name!r} of the data is not one of the adapters' tasks {sorted(model.tasks)}."
+                f"task {name!r} of the data is not one of the adapters' tasks {sorted(trained)}."
             )
-        if split.classnames != model.tasks[name].classnames:
+        if split.classnames != trained[name]:
             raise ValueError(
                 f"task {name!r}: the data's classes differ from those the adapters were trained on."
             )
-    accuracies = evaluate(model, datasets(splits, processor, "test", args), args.batch_size, device_of(args))
-    print(results_table_text({args.method_name: accuracies}, list(splits)))
-    entry = method_result([accuracies], model.trainable_parameter_count())
+    processor = load_processor(base)
+    test_sets = datasets(splits, processor, "test", args)
+    save_split_file(args, splits)
+    clip, device = load_clip(base), device_of(args)
+    results: dict[str, dict[str, float]] = {}
+    if not args.no_zero_shot:
+        tasks = [spec for spec in manifest_task_specs(manifest) if spec.name in splits]
+        results[zero_shot] = evaluate(
+            build_method(zero_shot, clip, processor.tokenizer, tasks), test_sets, args.batch_size, device
+        )
+    model = MultiTaskMmAP.from_pretrained(clip, folder, tokenizer=processor.tokenizer)
+    results[args.method_name] = evaluate(model, test_sets, args.batch_size, device)
+    print(results_table_text(results, list(splits)))
+    if zero_shot in results:
+        gain = results[args.method_name][AVERAGE] - results[zero_shot][AVERAGE]
+        print(f"{args.method_name} vs zero-shot: {gain:+.1f} points on average")
+    params = {zero_shot: 0, args.method_name: model.trainable_parameter_count()}
     path = write_results_json(
         args.results or folder / "results.json",
-        methods={args.method_name: entry},
+        methods={name: method_result([acc], params[name]) for name, acc in results.items()},
         grouping=model.groups,
         seeds=[args.seed],
     )
@@ -389,8 +573,6 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .baselines import METHODS
-
     add_model_arguments(parser)
     add_data_arguments(parser, single_run=False)
     add_train_arguments(parser)
@@ -398,17 +580,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--methods",
         nargs="+",
-        choices=sorted(METHODS),
         default=list(DEFAULT_BENCH_METHODS),
         metavar="METHOD",
-        help=f"methods to run (default: {' '.join(DEFAULT_BENCH_METHODS)}); one of {', '.join(sorted(METHODS))}.",
+        help=f"methods to run (default: {' '.join(DEFAULT_BENCH_METHODS)}); 'peft-mmap params' lists them all.",
     )
     bench.add_argument(
         "--seeds", nargs="+", type=non_negative_int, default=[1, 2, 3], help="seeds (default 1 2 3)."
     )
-    bench.add_argument(
-        "--num-groups", type=positive_int, default=2, help="task groups found by grouping (default 2)."
-    )
+    add_num_groups_argument(bench)
     bench.add_argument("--groups-inline", type=inline_groups, help="fixed groups like 'art,clipart;product'.")
     bench.add_argument(
         "--snapshots",
@@ -428,7 +607,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def bench_spec(args: argparse.Namespace):
+def bench_spec(args: argparse.Namespace, num_tasks: int):
     from .bench import BenchmarkSpec
 
     shots = args.shots if args.shots or args.fraction else (args.sweep_shots or [None])[0]
@@ -436,7 +615,7 @@ def bench_spec(args: argparse.Namespace):
         raise ValueError("give --shots K, --fraction F or --sweep-shots K1 K2 ...")
     return BenchmarkSpec(
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
-        train=train_config(args), mmap=mmap_config(args), num_groups=args.num_groups,
+        train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
         groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
         eval_batch_size=args.eval_batch_size, device=args.device,
     )  # fmt: skip
@@ -444,9 +623,10 @@ def bench_spec(args: argparse.Namespace):
 
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import Benchmark, run_shot_sweep
+    from .data import load_task_folders
 
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
-    spec = bench_spec(args)
+    spec = bench_spec(args, len(folders))
     if args.sweep_shots:
         run_shot_sweep(args.model, folders, spec, args.output, shots=args.sweep_shots)
         print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'} and shots<k>/results.*")
@@ -456,8 +636,6 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
-    from .params import ARCHS
-
     parser.add_argument(
         "--arch",
         default="vit-b16",
@@ -465,7 +643,12 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP architecture, built from its config (default vit-b16).",
     )
     parser.add_argument("--tasks", type=positive_int, default=4, help="number of tasks (default 4).")
-    parser.add_argument("--groups", type=positive_int, default=2, help="number of task groups (default 2).")
+    parser.add_argument(
+        "--groups",
+        type=positive_int,
+        default=DEFAULT_NUM_GROUPS,
+        help=f"number of task groups (default {DEFAULT_NUM_GROUPS}).",
+    )
     parser.add_argument("--json", type=Path, help="also write {arch, methods} to this JSON file.")
 
 
@@ -481,29 +664,27 @@ def run_params(args: argparse.Namespace) -> None:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .baselines import METHODS
-
     parser.add_argument(
         "--output",
         type=Path,
         default=Path("peft-mmap-demo"),
         help="results folder (default ./peft-mmap-demo).",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="one seed, 2 epochs, 4 methods: about 2 minutes on 2 CPU cores."
-    )
+    parser.add_argument("--quick", action="store_true", help="a shorter run: one seed, 2 epochs, 4 methods.")
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
     )
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=sorted(METHODS),
         metavar="METHOD",
-        help="methods (default: all baselines + mmap).",
+        help="methods (default: all baselines + mmap); 'peft-mmap params' lists them all.",
     )
     parser.add_argument(
-        "--model", default=None, help="CLIP checkpoint (default: the tiny CLIP shipped in the package)."
+        "--model",
+        type=model_id,
+        default=None,
+        help="CLIP checkpoint (default: the tiny CLIP shipped in the package).",
     )
     parser.add_argument(
         "--data-dir",
@@ -514,15 +695,66 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from .demo import demo_spec
     from .demo import run_demo as demo
 
+    demo_spec(args.quick, args.seeds, args.methods, args.device)  # refuses bad methods before any work
     demo(args.output, args.quick, args.seeds, args.methods, args.model, args.data_dir, args.device)
 
 
-def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
-    from .perf import add_perf_arguments as add
+def _batch_list(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]`` (positive integers)."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
 
-    add(parser)
+
+def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``peft-mmap perf``."""
+    parser.add_argument(
+        "--arch",
+        default="vit-b16",
+        choices=[*sorted(ARCHS), TINY_ARCH],
+        help="CLIP shapes (default vit-b16).",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
+    parser.add_argument(
+        "--batch", type=positive_int, default=16, help="images per training step (default 16)."
+    )
+    parser.add_argument(
+        "--infer-batches",
+        type=_batch_list,
+        default=list(PERF_INFER_BATCHES),
+        help="comma-separated serving batch sizes (default 1,4,16).",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="timed round-robin rounds: each variant once per round (default 5).",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=1,
+        help="untimed rounds (default 1; training always has one).",
+    )
+    parser.add_argument("--precision", choices=PERF_PRECISIONS, default="fp32", help="fp32 or bf16 autocast.")
+    parser.add_argument(
+        "--methods",
+        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+        help=f"comma-separated training methods (default all: {','.join(PERF_METHODS)}).",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=positive_float, help="device dense peak TFLOP/s for --precision (gives MFU)."
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write profile.md: torch.profiler summaries of batch-1 serving, zero-shot and MmAP.",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
+    )
 
 
 def run_perf(args: argparse.Namespace) -> None:
@@ -560,7 +792,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "eval",
-        "evaluate saved adapters on the test splits and write a results JSON.",
+        "evaluate saved adapters (and zero-shot CLIP) on the test splits and write a results JSON.",
         add_eval_arguments,
         run_eval,
     ),
@@ -586,13 +818,13 @@ SUBCOMMANDS: list[Subcommand] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peft-mmap", description="Multi-modal Alignment Prompts (MmAP) for CLIP."
+    parser = ArgumentParser(
+        prog="peft-mmap", description="Multi-modal Alignment Prompts (MmAP) for CLIP.", allow_abbrev=False
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in SUBCOMMANDS:
-        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        child = sub.add_parser(command.name, help=command.help, description=command.help, allow_abbrev=False)
         command.add_arguments(child)
         child.set_defaults(run=command.run, subparser=child)
     return parser

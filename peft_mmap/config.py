@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .files import check_safetensors, new_file_mode
+from .options import DEFAULT_PROMPT_LENGTH, DEFAULT_SOURCE_SHAPE
 from .registration import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
@@ -66,11 +67,11 @@ class MmAPConfig(PeftConfig):
     """
 
     prompt_length: int = field(
-        default=4,
+        default=DEFAULT_PROMPT_LENGTH,
         metadata={"help": "b: prompt tokens per layer and tower; must be divisible by source_shape[0]."},
     )
     source_shape: list[int] = field(
-        default_factory=lambda: [2, 8],
+        default_factory=lambda: list(DEFAULT_SOURCE_SHAPE),
         metadata={
             "help": "[m, n]: shape of each layer's source prompt; n must divide both hidden sizes. A tuple is "
             "accepted and stored as a list (the JSON form)."

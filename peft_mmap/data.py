@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from peft_mmap.files import atomic_write_json, check_safe_name, read_json
+from peft_mmap.options import LAYOUTS
 
 if TYPE_CHECKING:
     from transformers.image_processing_utils import BaseImageProcessor
@@ -39,7 +40,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 """File extensions (compared case-insensitively) recognised as images."""
 
 OFFICE_HOME_DOMAINS = ("art", "clipart", "product", "real_world")
+#: The 65 Office-Home classes (folder names, lower case, underscores as spaces).
+OFFICE_HOME_CLASSES: tuple[str, ...] = (
+    "alarm clock", "backpack", "batteries", "bed", "bike", "bottle", "bucket", "calculator", "calendar",
+    "candles", "chair", "clipboards", "computer", "couch", "curtains", "desk lamp", "drill", "eraser",
+    "exit sign", "fan", "file cabinet", "flipflops", "flowers", "folder", "fork", "glasses", "hammer",
+    "helmet", "kettle", "keyboard", "knives", "lamp shade", "laptop", "marker", "monitor", "mop", "mouse",
+    "mug", "notebook", "oven", "pan", "paper clip", "pen", "pencil", "postit notes", "printer", "push pin",
+    "radio", "refrigerator", "ruler", "scissors", "screwdriver", "shelf", "sink", "sneakers", "soda",
+    "speaker", "spoon", "table", "telephone", "toothbrush", "toys", "trash can", "tv", "webcam",
+)  # fmt: skip
 DOMAINNET_DOMAINS = ("clipart", "painting", "real", "sketch")
+"""The four domains of MiniDomainNet (the default tasks of the ``domainnet`` layout)."""
+DOMAINNET_ALL_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 SPLIT_FORMAT = "peft_mmap.split"
 SPLIT_VERSION = 1
@@ -307,23 +320,53 @@ def _class_rng(seed: int, task: str, class_dir: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-LAYOUTS = ("generic", "officehome", "domainnet")
-
-
 def load_task_folders(
     root: StrPath,
     layout: str = "generic",
     split_dir: StrPath | None = None,
     tasks: Sequence[str] | None = None,
 ) -> dict[str, TaskFolder]:
-    """The tasks of a dataset folder in one of `LAYOUTS` (see `scan_image_folder`, `office_home`, `domainnet`)."""
+    """The tasks of a dataset folder in one of `LAYOUTS` (see `scan_image_folder`, `office_home`, `domainnet`).
+
+    Raises:
+        ValueError: an unknown layout, or data that is not of the named layout (see `check_layout`).
+    """
     if layout == "generic":
         return scan_image_folder(root, tasks)
     if layout == "officehome":
-        return office_home(root, tasks or OFFICE_HOME_DOMAINS)
-    if layout == "domainnet":
-        return domainnet(root, split_dir, tasks or DOMAINNET_DOMAINS)
-    raise ValueError(f"Unknown dataset layout {layout!r}; expected one of {LAYOUTS}.")
+        folders = office_home(root, tasks or OFFICE_HOME_DOMAINS)
+    elif layout == "domainnet":
+        folders = domainnet(root, split_dir, tasks or DOMAINNET_DOMAINS)
+    else:
+        raise ValueError(f"Unknown dataset layout {layout!r}; expected one of {LAYOUTS}.")
+    check_layout(layout, {name: task.classnames for name, task in folders.items()}, root)
+    return folders
+
+
+def check_layout(layout: str, tasks: dict[str, Sequence[str]], root: StrPath) -> None:
+    """Refuse tasks (``{task: class display names}``) that are not of ``layout``.
+
+    ``officehome``: tasks among `OFFICE_HOME_DOMAINS` whose classes are among `OFFICE_HOME_CLASSES` (a
+    subset of the classes is fine); ``domainnet``: tasks among `DOMAINNET_ALL_DOMAINS`; ``generic``: any.
+
+    Raises:
+        ValueError: naming the first task or classes that do not fit, and the layout to use instead.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown dataset layout {layout!r}; expected one of {LAYOUTS}.")
+    domains = {"officehome": OFFICE_HOME_DOMAINS, "domainnet": DOMAINNET_ALL_DOMAINS}.get(layout)
+    if domains is None:
+        return
+    hint = "use --layout generic (<root>/<task>/<class>/<image>) for other data"
+    for name, classnames in tasks.items():
+        if name not in domains:
+            raise ValueError(f"{root}: task {name!r} is not a {layout} domain {list(domains)}; {hint}.")
+        foreign = [c for c in classnames if c not in OFFICE_HOME_CLASSES] if layout == "officehome" else []
+        if foreign:
+            raise ValueError(
+                f"{root}: task {name!r} has classes that are not Office-Home classes, e.g. {foreign[:3]}; "
+                f"{hint}."
+            )
 
 
 def few_shot_split(

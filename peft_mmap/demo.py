@@ -48,7 +48,7 @@ def demo_spec(
 ) -> BenchmarkSpec:
     """The demo's benchmark settings: the paper's optimiser (SGD, lr 0.0035, batch 16) on 6-shot splits.
 
-    ``quick`` trains 2 epochs instead of 5, on one seed, with fewer methods (about 2 minutes on 2 cores).
+    ``quick`` trains 2 epochs instead of 5, on one seed, with fewer methods (the README gives measured times).
     """
     return BenchmarkSpec(
         methods=list(methods or (QUICK_METHODS if quick else DEMO_METHODS)),
@@ -119,7 +119,7 @@ def run_demo(
         results["verdict"] = verdict(results["methods"])
         atomic_write_json(Path(output_dir) / "results.json", results)
         log(f"\n{results['verdict']['line']}")
-        log(f"MmAP adapters (seed {spec.seeds[0]}): {adapters}")
+        log(f"MmAP adapters: {adapters} (MultiTaskMmAP.from_pretrained(model, that folder))")
     log(f"results: {Path(output_dir) / 'results.json'} ({time.monotonic() - started:.0f}s in all)")
     return results
 

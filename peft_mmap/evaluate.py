@@ -1,7 +1,7 @@
 """Top-1 accuracy per task, mean ± std over seeds, and result tables in the paper's layout.
 
 Tables have tasks as rows (plus ``Average``) and methods as columns; a cell is ``mean ± std`` in percent,
-with the population standard deviation over seeds (``0.0`` for a single run).
+with the population standard deviation over seeds, or the plain accuracy of a single run.
 """
 
 from __future__ import annotations
@@ -85,18 +85,14 @@ def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, MeanStd]:
     }
 
 
-def _as_mean_std(value: float | MeanStd | None) -> MeanStd | None:
-    if value is None or isinstance(value, tuple):
-        return value
-    return (float(value), 0.0)
-
-
 def _cell(value: float | MeanStd | None, digits: int) -> str:
-    pair = _as_mean_std(value)
-    if pair is None:
+    """``-`` (missing), ``mean ± std`` for a ``(mean, std)`` pair, the number alone for one run."""
+    if value is None:
         return "-"
-    mean, std = pair
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if isinstance(value, tuple):
+        mean, std = value
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{value:.{digits}f}"
 
 
 def format_parameters(count: int) -> str:
@@ -132,8 +128,8 @@ def results_table_markdown(
     """A markdown table: one row per task of ``task_order`` plus ``Average``, one column per method.
 
     Args:
-        results: ``{method: {task: accuracy or (mean, std)}}``, e.g. `summarize` output per method; a
-            missing task shows as ``-``.
+        results: ``{method: {task: accuracy of one run, or (mean, std)}}``, e.g. `summarize` output per
+            method; a missing task shows as ``-``.
         task_order: the rows, in order.
         digits: decimals of the percentages.
         parameters: ``{method: trainable parameters}`` for a last ``Parameters`` row.

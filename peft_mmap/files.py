@@ -19,11 +19,10 @@ import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+if TYPE_CHECKING:  # torch is imported where tensors are read, so the CLI's --help stays fast
+    import torch
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -155,6 +154,8 @@ def _read_safetensors(path: str | os.PathLike, what: str, read: Callable[[Path],
 
 def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Read a safetensors file (never pickle) with a clear error for a missing, truncated or corrupted file."""
+    from safetensors.torch import load_file
+
     return _read_safetensors(path, what, load_file)
 
 
@@ -165,6 +166,8 @@ def check_safetensors(path: str | os.PathLike, what: str = "weights file") -> li
     """
 
     def keys(p: Path) -> list[str]:
+        from safetensors import safe_open
+
         with safe_open(p, framework="pt") as handle:
             return list(handle.keys())
 

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -15,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
 
-from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
+from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, load_clip_processor
 from .config import MmAPConfig
 from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, make_temp_dir, read_json
 from .hub import save_model_card
@@ -31,6 +32,8 @@ COMMIT_NAME = ".mmap_commit.json"
 STAGING_PREFIX = ".staging-"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 """The only files fetched from the hub: no code, no pickles."""
+RUN_ADAPTERS_DIR = "adapters"
+"""Where ``peft-mmap train`` saves the adapters in its run folder; `from_pretrained` accepts either folder."""
 
 
 def group_adapter_name(index: int) -> str:
@@ -95,7 +98,11 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             if clash:
                 raise ValueError(f"Task names {clash} clash with group adapter names; rename those tasks.")
             names += list(specs)
-        peft_model = get_peft_model(clip, dataclasses.replace(self.config), adapter_name=names[0])
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model,
+            # which warns on every load with transformers >= 5; nothing a user of this class can act on.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = get_peft_model(clip, dataclasses.replace(self.config), adapter_name=names[0])
         for name in names[1:]:
             peft_model.add_adapter(name, dataclasses.replace(self.config))
         super().__init__(peft_model, tokenizer, specs)
@@ -240,7 +247,8 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **hub_kwargs,
     ) -> MultiTaskMmAP:
-        """Rebuild a saved model: ``base_model`` (hub id, folder or ``CLIPModel``) plus a saved folder or hub repo."""
+        """Rebuild a saved model: ``base_model`` (hub id, folder or ``CLIPModel``) plus a saved folder (or the
+        ``peft-mmap train`` run folder holding it in ``adapters/``) or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
         manifest = read_manifest(folder)
         if isinstance(base_model, CLIPModel):
@@ -257,7 +265,6 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             if not base_id:
                 raise ValueError("The manifest names no base model: pass `tokenizer=` explicitly.")
             tokenizer = CLIPTokenizer.from_pretrained(base_id)
-        tasks = [TaskSpec(t["name"], t["classnames"], t["template"]) for t in manifest["tasks"]]
         # The base sizes the adapters were saved for: a CLIP of other sizes is refused before it is wrapped.
         config_path = folder / manifest["adapters"][0] / ADAPTER_FILES[0]
         saved = read_json(config_path, "MmAP adapter config")
@@ -266,7 +273,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         model = cls(
             clip,
             tokenizer,
-            tasks,
+            manifest_task_specs(manifest),
             manifest["groups"] or None,
             MmAPConfig(**manifest["mmap_config"], tower_sizes=saved.get("tower_sizes")),
             task_adapters=manifest["task_adapters"],
@@ -311,7 +318,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
 
     def processor(self) -> CLIPProcessor:
         """A ``CLIPProcessor`` for the base model (image preprocessing identical to the checkpoint's)."""
-        return CLIPProcessor.from_pretrained(self.base_model_id)
+        return load_clip_processor(self.base_model_id)
 
 
 def _checkpoint_key(model_key: str, adapter_name: str) -> str:
@@ -322,15 +329,26 @@ def _model_key(checkpoint_key: str, adapter_name: str) -> str:
     return f"{checkpoint_key}.{adapter_name}"
 
 
+def manifest_task_specs(manifest: dict) -> list[TaskSpec]:
+    """The tasks of a validated manifest (see `read_manifest`)."""
+    return [TaskSpec(t["name"], t["classnames"], t["template"]) for t in manifest["tasks"]]
+
+
 def resolve_adapter_folder(adapters: str | os.PathLike, **hub_kwargs) -> Path:
-    """The folder to read: a local saved folder (its staged set while a save is being committed), or a hub
-    repo id downloaded (JSON, safetensors and Markdown files only)."""
+    """The folder to read: a local saved folder (its staged set while a save is being committed) or a
+    ``peft-mmap train`` run folder holding one in `RUN_ADAPTERS_DIR`, or a hub repo id downloaded (JSON,
+    safetensors and Markdown files only)."""
     path = Path(adapters)
     if path.is_dir():
         folder = _committed_staging(path) or path
-        if not (folder / MANIFEST_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {MANIFEST_NAME}: not a MultiTaskMmAP folder.")
-        return folder
+        if (folder / MANIFEST_NAME).is_file():
+            return folder
+        if (path / RUN_ADAPTERS_DIR).is_dir():
+            return resolve_adapter_folder(path / RUN_ADAPTERS_DIR)
+        raise FileNotFoundError(
+            f"{path} has no {MANIFEST_NAME} (nor {RUN_ADAPTERS_DIR}/{MANIFEST_NAME}): not a MultiTaskMmAP "
+            "folder or a 'peft-mmap train' run folder."
+        )
     if path.exists():
         raise ValueError(
             f"{path} is a file; expected a folder saved by MultiTaskMmAP.save_pretrained or a repo id."

@@ -14,14 +14,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from .baselines import METHODS, build_method
 from .classifier import TaskSpec
-
-#: Tower sizes of the OpenAI CLIP checkpoints: (text hidden, text heads, vision hidden, vision layers,
-#: vision heads, patch size, projection dim); text: 12 layers, 77 positions, 49408 tokens; images 224 px.
-ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
-    "vit-b32": (512, 8, 768, 12, 12, 32, 512),
-    "vit-b16": (512, 8, 768, 12, 12, 16, 512),
-    "vit-l14": (768, 12, 1024, 24, 16, 14, 768),
-}
+from .options import ARCHS
 
 #: The paper's Table 1 "Parameters" row (CLIP ViT-B/16, four Office-Home tasks), by Table 1 column.
 PAPER_PARAMETERS = {

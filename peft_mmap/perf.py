@@ -44,40 +44,20 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from .argtypes import non_negative_int, positive_float, positive_int
 from .baselines import build_method
 from .classifier import CLIPTaskClassifier, TaskSpec
 from .config import MmAPConfig
-from .data import OFFICE_HOME_DOMAINS
+from .data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
 from .files import atomic_write_json, atomic_write_text
-from .params import ARCHS, clip_config
-
-#: The 65 Office-Home classes (folder names, lower case, underscores as spaces).
-OFFICE_HOME_CLASSES: tuple[str, ...] = (
-    "alarm clock", "backpack", "batteries", "bed", "bike", "bottle", "bucket", "calculator", "calendar",
-    "candles", "chair", "clipboards", "computer", "couch", "curtains", "desk lamp", "drill", "eraser",
-    "exit sign", "fan", "file cabinet", "flipflops", "flowers", "folder", "fork", "glasses", "hammer",
-    "helmet", "kettle", "keyboard", "knives", "lamp shade", "laptop", "marker", "monitor", "mop", "mouse",
-    "mug", "notebook", "oven", "pan", "paper clip", "pen", "pencil", "postit notes", "printer", "push pin",
-    "radio", "refrigerator", "ruler", "scissors", "screwdriver", "shelf", "sink", "sneakers", "soda",
-    "speaker", "spoon", "table", "telephone", "toothbrush", "toys", "trash can", "tv", "webcam",
-)  # fmt: skip
-
-#: Training methods: perf name -> (registry name, builder options; ``"2b"`` = MmAP's tokens per layer).
-TRAIN_METHODS: dict[str, tuple[str, dict]] = {
-    "mmap": ("mmap", {}),
-    "vpt_deep": ("vpt_mt", {"prompt_length": "2b"}),
-    "coop": ("coop_mt", {}),
-    "maple": ("maple_mt", {}),
-    "full_ft": ("full_ft_mt", {}),
-}
+from .options import PERF_INFER_BATCHES, TINY_ARCH
+from .options import PERF_METHODS as TRAIN_METHODS
+from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
 #: FLOP ratio (overhead-free: at most 5 % above the FLOP floor); ``infer_b<N>_*`` needs batch ``N`` in
@@ -95,9 +75,6 @@ GOALS: dict[str, tuple[str, float, str]] = {
 
 #: Serving variants timed at every inference batch size (see `_Bench.measure_inference`).
 SERVING = ("zeroshot", "mmap", "mmap_mixed")
-DEFAULT_INFER_BATCHES = (1, 4, 16)
-TINY_ARCH = "tiny"
-PRECISIONS = ("fp32", "bf16")
 _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -438,7 +415,7 @@ def run_benchmark(
     precision: str = "fp32",
     methods: Sequence[str] | None = None,
     peak_tflops: float | None = None,
-    infer_batches: Sequence[int] = DEFAULT_INFER_BATCHES,
+    infer_batches: Sequence[int] = PERF_INFER_BATCHES,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure every quantity of the module docstring in one run; returns the JSON-ready result.
@@ -664,61 +641,6 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _batch_list(text: str) -> list[int]:
-    """``"1,4,16"`` -> ``[1, 4, 16]`` (positive integers)."""
-    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
-
-
-def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``peft-mmap perf``."""
-    parser.add_argument(
-        "--arch",
-        default="vit-b16",
-        choices=[*sorted(ARCHS), TINY_ARCH],
-        help="CLIP shapes (default vit-b16).",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
-    parser.add_argument(
-        "--batch", type=positive_int, default=16, help="images per training step (default 16)."
-    )
-    parser.add_argument(
-        "--infer-batches",
-        type=_batch_list,
-        default=list(DEFAULT_INFER_BATCHES),
-        help="comma-separated serving batch sizes (default 1,4,16).",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=positive_int,
-        default=5,
-        help="timed round-robin rounds: each variant once per round (default 5).",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=non_negative_int,
-        default=1,
-        help="untimed rounds (default 1; training always has one).",
-    )
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 or bf16 autocast.")
-    parser.add_argument(
-        "--methods",
-        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
-        help=f"comma-separated training methods (default all: {','.join(TRAIN_METHODS)}).",
-    )
-    parser.add_argument(
-        "--peak-tflops", type=positive_float, help="device dense peak TFLOP/s for --precision (gives MFU)."
-    )
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice).")
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="also write profile.md: torch.profiler summaries of batch-1 serving, zero-shot and MmAP.",
-    )
-    parser.add_argument(
-        "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
-    )
-
-
 def run_perf(args: argparse.Namespace) -> dict:
     """Run `run_benchmark` with the parsed options; write ``perf.json`` and ``perf.md``; print the tables."""
     if args.threads is not None:
@@ -748,12 +670,9 @@ def run_perf(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m peft_mmap.perf``: the same as ``peft-mmap perf``."""
-    parser = argparse.ArgumentParser(prog="python -m peft_mmap.perf", description=__doc__.splitlines()[0])
-    add_perf_arguments(parser)
-    run_perf(parser.parse_args(argv))
+if __name__ == "__main__":  # ``python -m peft_mmap.perf``: the same as ``peft-mmap perf``
+    import sys
 
+    from .cli import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main(["perf", *sys.argv[1:]]))

@@ -26,8 +26,9 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
 from peft_mmap.synthetic import (
     HUE_NAMES,
@@ -94,7 +95,7 @@ ZERO_SHOT_TEMPLATE = "a photo of a {}."
 def load_tiny_clip(path: str | os.PathLike = TINY_CLIP_PATH) -> tuple[CLIPModel, CLIPProcessor]:
     """Load the shipped tiny CLIP (or one saved by :func:`pretrain_tiny_clip`) in eval mode, offline."""
     model = CLIPModel.from_pretrained(path, local_files_only=True)
-    processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    processor = load_clip_processor(path, local_files_only=True)
     return model.eval(), processor
 
 
@@ -160,7 +161,7 @@ def sample_captions(seed: int, count: int) -> tuple[list[str], list[str], list[s
 
 
 def _render_pairs(
-    domains: Sequence[str], classes: Sequence[str], seed: int, stream: int, processor: CLIPImageProcessor
+    domains: Sequence[str], classes: Sequence[str], seed: int, stream: int, processor: CLIPImageProcessorPil
 ) -> tuple[torch.Tensor, list[Scene]]:
     """Render one image per (domain, class) and preprocess it: pixel values ``(N, 3, S, S)`` and scenes."""
     rendered = [
@@ -175,8 +176,8 @@ def _render_pairs(
     return pixels, [scene for _, scene in rendered]
 
 
-def _image_processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(
+def _image_processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
     )
 

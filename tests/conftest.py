@@ -99,7 +99,7 @@ def make_workspace(root, tokenizer):
     """``root/data/<task>/<colour>/*.png`` (3 tasks x 3 classes x 4 images) and ``root/model`` (tiny CLIP +
     processor), so the library and CLI can run end to end as on a real checkpoint and dataset."""
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPProcessor
+    from transformers import CLIPImageProcessorPil, CLIPProcessor
 
     for t, task in enumerate(WORKSPACE_TASKS):
         for name, colour in COLOURS.items():
@@ -109,7 +109,7 @@ def make_workspace(root, tokenizer):
                 shade = tuple(min(255, c + 8 * i + 5 * t) for c in colour)
                 Image.new("RGB", (20, 20), shade).save(folder / f"{i}.png")
     processor = CLIPProcessor(
-        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tokenizer
+        CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tokenizer
     )
     make_clip().save_pretrained(root / "model")
     processor.save_pretrained(root / "model")

@@ -75,9 +75,12 @@ def test_spec_validation(overrides, match):
 
 
 def test_ablation_table_and_sweep_plot(tmp_path):
-    entry = {"average": 80.0, "std": {AVERAGE: 0.5}}
+    entry = {"average": 80.0, "std": {AVERAGE: 0.5}, "runs": [{}, {}]}
     table = ablation_markdown({"mmap": entry, "mmap_task_only": entry})
-    assert "| `mmap_task_only` | ✓ | ✗ |" in table and "| `mmap` | ✓ | Group |" in table
+    assert "| `mmap_task_only` | ✓ | ✗ | 80.00 ± 0.50 |" in table and "| `mmap` | ✓ | Group |" in table
+    assert ablation_markdown({"mmap": entry, "zeroshot": entry}) == ""  # one variant compares nothing
+    single = {"average": 80.0, "std": {AVERAGE: 0.0}, "runs": [{}]}
+    assert "| `mmap` | ✓ | Group | 80.00 |" in ablation_markdown({"mmap": single, "mmap_task_only": single})
     sweep = {
         "shots": [1, 3],
         "methods": {"mmap": {"1": {"a": 50.0, AVERAGE: 50.0}, "3": {"a": 60.0, AVERAGE: 60.0}}},

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import WORKSPACE_TASKS as TASKS
 
-from peft_mmap.cli import SUBCOMMANDS, build_parser, main
+from peft_mmap.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
+from peft_mmap.data import few_shot_split, save_split, scan_image_folder
 from peft_mmap.multitask import MANIFEST_NAME
+from peft_mmap.train import TrainResult
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft")
+
+
+def run_python(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -W error <args>`` in a fresh process that imports this checkout, offline."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-W", "error", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def data_args(root) -> list[str]:
@@ -40,8 +61,6 @@ def test_group_train_eval_end_to_end(workspace, capsys):
                 *quick,
                 "--output",
                 str(root / "grouping"),
-                "--num-groups",
-                "2",
                 "--snapshots",
                 "2",
             ]
@@ -49,7 +68,7 @@ def test_group_train_eval_end_to_end(workspace, capsys):
         == 0
     )
     groups = json.loads((root / "grouping" / "groups.json").read_text())["groups"]
-    assert sorted(t for g in groups for t in g) == sorted(TASKS) and len(groups) == 2
+    assert sorted(t for g in groups for t in g) == sorted(TASKS) and len(groups) == 2  # the default number
     affinity = json.loads((root / "grouping" / "affinity.json").read_text())
     assert affinity["task_names"] == list(TASKS) and len(affinity["matrix"]) == 3
     assert (root / "grouping" / "affinity.png").is_file() and (root / "split.json").is_file()
@@ -64,18 +83,25 @@ def test_group_train_eval_end_to_end(workspace, capsys):
         "--output",
         str(run),
     ]
+    capsys.readouterr()
     assert main(train_args) == 0
     manifest = json.loads((run / "adapters" / MANIFEST_NAME).read_text())
     assert manifest["groups"] == groups and (run / "checkpoint" / "trainer_state.json").is_file()
-    assert main([*train_args[:-2], "--output", str(run), "--resume"]) == 0  # already done: nothing to train
+    summary = capsys.readouterr().out
+    assert "trained 2 steps in" in summary and f"adapters: {run / 'adapters'}" in summary
+    assert main([*train_args[:-2], "--output", str(run), "--resume"]) == 0
+    assert "nothing to train: the checkpoint already holds all 2 steps." in capsys.readouterr().out
 
     assert main(["eval", *data_args(root), "--adapters", str(run), "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
-    assert "Average" in out and "art" in out
+    assert out.splitlines()[0].split() == ["Task", "zeroshot", "mmap"]  # zero-shot next to the adapters
+    assert "± 0.0" not in out and "mmap vs zero-shot:" in out and "art" in out
     results = json.loads((run / "adapters" / "results.json").read_text())
     entry = results["methods"]["mmap"]
     assert set(entry["tasks"]) == set(TASKS) and 0 <= entry["average"] <= 100
     assert entry["trainable_params"] > 0 and results["grouping"] == groups and results["seeds"] == [1]
+    zero_shot = results["methods"]["zeroshot"]
+    assert set(zero_shot["tasks"]) == set(TASKS) and zero_shot["trainable_params"] == 0
 
 
 @pytest.mark.parametrize(
@@ -85,6 +111,7 @@ def test_group_train_eval_end_to_end(workspace, capsys):
         (["train", "--fraction", "1.5"], "expected a number strictly between 0 and 1, got '1.5'"),
         (["train", "--layout", "mnist"], "invalid choice: 'mnist'"),
         (["eval", "--batch-size", "x"], "expected a positive integer, got 'x'"),
+        (["group", "--num-groups", "many"], "expected a positive integer or 'best', got 'many'"),
     ],
 )
 def test_bad_values_are_argparse_errors(argv, message, capsys):
@@ -122,3 +149,104 @@ def test_bench_subcommand_writes_tables(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:-2], "--methods", "nope", "--output", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_help_imports_no_heavy_module_and_prints_nothing_on_stderr():
+    """``--help`` of the CLI and of every command answers without importing torch, transformers or peft."""
+    driver = (
+        "import sys\n"
+        "from peft_mmap.cli import SUBCOMMANDS, main\n"
+        "for argv in [['--help'], *([c.name, '--help'] for c in SUBCOMMANDS)]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 0, (argv, stop.code)\n"
+        "print('MODULES', *sorted(sys.modules))\n"
+    )
+    result = run_python("-c", driver)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    modules = result.stdout.rsplit("MODULES", 1)[1].split()
+    assert not [m for m in modules if m.split(".")[0] in HEAVY]
+    assert result.stdout.count("usage: peft-mmap") == len(SUBCOMMANDS) + 1
+
+
+def test_train_and_eval_print_no_warnings(workspace, tmp_path):
+    """One fresh process, warnings as errors: no Python warning and no transformers/peft warning in the log."""
+    data = f"--data {workspace / 'data'} --shots 2 --split-file {tmp_path / 'split.json'} --device cpu"
+    train = f"train --model {workspace / 'model'} {data} --prompt-length 2 --source-shape 1 8 --epochs 1 " \
+        f"--batch-size 2 --max-steps 1 --output {tmp_path / 'run'}"  # fmt: skip
+    evaluation = f"eval {data} --adapters {tmp_path / 'run'}"
+    driver = f"from peft_mmap.cli import main\nmain({train.split()!r})\nmain({evaluation.split()!r})\n"
+    result = run_python("-c", driver)
+    assert result.returncode == 0, result.stderr
+    log = result.stderr.lower()  # progress bars only
+    assert "warn" not in log and "deprecat" not in log and "[transformers]" not in log, result.stderr
+    assert "first loss" in result.stdout and "zeroshot" in result.stdout
+
+
+def early_refusals(root: Path, out: Path) -> dict[str, list[str]]:
+    model, data = root / "model", root / "data"
+    train = f"train --model {model} --data {data} --shots 2 --split-file {out / 'split.json'} --output"
+    return {
+        case: argv.split()
+        for case, argv in {
+            "--model /no/such/dir": train.replace(str(model), "/no/such/dir") + f" {out / 'run'}",
+            "--num-groups 3 with 2 tasks": f"group --model {model} --data {data} --tasks art,clipart --shots 2 "
+            f"--num-groups 3 --split-file {out / 'split.json'} --output {out / 'grouping'}",
+            "bench --num-groups 4 with 3 tasks": f"bench --model {model} --data {data} --shots 2 --num-groups 4 "
+            f"--output {out}",
+            "--layout officehome on other data": f"{train} {out / 'run'} --layout officehome --tasks art,clipart",
+            "--layout officehome with a split file": f"eval --data {data} --layout officehome --split-file "
+            f"{out / 'existing.json'} --adapters {out / 'run'}",
+            "existing checkpoint without --resume": f"{train} {out / 'done'}",
+            "--epoch 2 (no abbreviations)": f"{train} {out / 'run'} --epoch 2",
+            "--no-task-adapters without groups": f"{train} {out / 'run'} --no-task-adapters",
+        }.items()
+    }
+
+
+REFUSALS = {
+    "--model /no/such/dir": "'/no/such/dir' is not a local folder, and not a hub id of the form org/name",
+    "--num-groups 3 with 2 tasks": "--num-groups 3 asks for more groups than there are tasks (2)",
+    "bench --num-groups 4 with 3 tasks": "--num-groups 4 asks for more groups than there are tasks (3)",
+    "--layout officehome on other data": "has classes that are not Office-Home classes",
+    "--layout officehome with a split file": "has classes that are not Office-Home classes",
+    "existing checkpoint without --resume": "already holds a training checkpoint; pass --resume",
+    "--epoch 2 (no abbreviations)": "unrecognized arguments: --epoch 2",
+    "--no-task-adapters without groups": "--no-task-adapters leaves no adapter to train",
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_early_refusals_write_nothing(case, workspace, tmp_path, capsys):
+    splits = few_shot_split(scan_image_folder(workspace / "data"), shots=2)
+    save_split(splits, tmp_path / "existing.json", workspace / "data")
+    (tmp_path / "done" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "done" / "checkpoint" / "trainer_state.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(early_refusals(workspace, tmp_path)[case])
+    assert exit_info.value.code == 2 and REFUSALS[case] in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_one_default_number_of_groups():
+    assert num_groups_for(None, 4) == 2 and num_groups_for(None, 1) == 1
+    assert num_groups_for(3, 4) == 3 and num_groups_for(BEST, 4) is None
+    with pytest.raises(ValueError, match="--num-groups 5 asks for more groups than there are tasks"):
+        num_groups_for(5, 4)
+    parser = build_parser()
+    for command in ("group", "bench"):
+        args = parser.parse_args([command, "--model", "org/name", "--data", "d", "--output", "o"])
+        assert args.num_groups is None  # both resolve through num_groups_for
+
+
+def test_train_summary_names_losses_time_and_adapters(tmp_path):
+    history = [{"art": 1.5, "clipart": 2.25}, {"art": 1.0, "clipart": 2.0}]
+    text = train_summary(TrainResult(4, 2, history, None, 3.25), tmp_path / "run" / "adapters")
+    lines = text.splitlines()
+    assert lines[0] == "trained 2 steps in 3.2 s (4 steps and 2 complete epochs in all)"
+    assert lines[1].split() == ["task", "first", "loss", "last", "loss"]
+    assert lines[2].split() == ["art", "1.5000", "1.0000"]
+    assert lines[3].split() == ["clipart", "2.2500", "2.0000"]
+    assert lines[-1].startswith(f"adapters: {tmp_path / 'run' / 'adapters'}")

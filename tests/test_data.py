@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 from peft_mmap.data import (
     ImageClassificationDataset,
     Sample,
     TaskFolder,
+    check_layout,
     class_display_name,
     domainnet,
     few_shot_split,
@@ -23,6 +24,7 @@ from peft_mmap.data import (
     find_unreadable_images,
     load_rgb,
     load_split,
+    load_task_folders,
     office_home,
     save_split,
     scan_image_folder,
@@ -60,8 +62,8 @@ def tree(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+def processor() -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 @pytest.mark.parametrize(
@@ -140,6 +142,28 @@ def test_office_home_layout(tmp_path: Path):
     (root / "Real_World").rename(tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="'real_world' not found"):
         office_home(root)
+
+
+def test_named_layouts_refuse_other_data(tmp_path: Path, tree: Path):
+    check_layout("officehome", {"art": ["alarm clock", "tv"], "real_world": ["bike"]}, tmp_path)
+    check_layout("domainnet", {"quickdraw": ["zebra"]}, tmp_path)
+    check_layout("generic", {"anything": ["red"]}, tmp_path)
+    with pytest.raises(
+        ValueError, match=r"task 'art' has classes that are not Office-Home classes, e.g. \['red'\]"
+    ):
+        check_layout("officehome", {"art": ["alarm clock", "red"]}, tmp_path)
+    with pytest.raises(ValueError, match="task 'alpha' is not a officehome domain"):
+        check_layout("officehome", {"alpha": ["tv"]}, tmp_path)
+    with pytest.raises(ValueError, match="task 'photo' is not a domainnet domain"):
+        check_layout("domainnet", {"photo": ["zebra"]}, tmp_path)
+    with pytest.raises(ValueError, match="Unknown dataset layout 'mnist'"):
+        check_layout("mnist", {}, tmp_path)
+    (tree / "alpha").rename(tree / "Art")
+    (tree / "Art" / "bike").rename(tree / "Art" / "unicycle")
+    with pytest.raises(
+        ValueError, match=r"not Office-Home classes, e.g. \['unicycle'\]; use --layout generic"
+    ):
+        load_task_folders(tree, "officehome", tasks=["art"])
 
 
 def _write_split_files(root: Path, split_dir: Path) -> None:

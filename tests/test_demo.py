@@ -33,4 +33,4 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert verdict["mmap"][0] == results["methods"]["mmap"]["average"]
     assert verdict["best_baseline"]["method"] in ("coop_mt", "vpt_mt")
     assert verdict["line"] in out and "verdict: MmAP" in out
-    assert str(output / "runs" / "mmap" / "seed1" / "adapters") in out
+    assert f"MmAP adapters: {output / 'runs' / 'mmap' / 'seed1' / 'adapters'}" in out

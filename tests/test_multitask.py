@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import make_clip
 
 from peft_mmap import MmAPConfig
 from peft_mmap.classifier import TaskSpec
-from peft_mmap.multitask import MANIFEST_NAME, MultiTaskMmAP
+from peft_mmap.multitask import MANIFEST_NAME, RUN_ADAPTERS_DIR, MultiTaskMmAP
 
 TASKS = [
     TaskSpec("art", ["cat", "dog", "bird"]),
@@ -112,6 +113,29 @@ def test_save_and_load_round_trip(model, tokenizer, tmp_path):
     for task, logits in expected.items():
         torch.testing.assert_close(loaded(pixels, task), logits)
     assert loaded.tasks["clipart"].template == "a clipart of a {}."
+
+
+def test_a_run_folder_loads_like_its_adapters_folder(model, tokenizer, tmp_path):
+    """``peft-mmap train --output run`` saves into ``run/adapters``; both folders load the same adapters."""
+    model.save_pretrained(tmp_path / "run" / RUN_ADAPTERS_DIR)
+    from_run = MultiTaskMmAP.from_pretrained(make_clip(), tmp_path / "run", tokenizer=tokenizer)
+    from_adapters = MultiTaskMmAP.from_pretrained(
+        make_clip(), tmp_path / "run" / RUN_ADAPTERS_DIR, tokenizer=tokenizer
+    )
+    assert from_run.manifest() == from_adapters.manifest() == model.manifest()
+    state = from_adapters.state_dict()
+    assert from_run.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[key]) for key, tensor in from_run.state_dict().items())
+    with pytest.raises(
+        FileNotFoundError, match="not a MultiTaskMmAP folder or a 'peft-mmap train' run folder"
+    ):
+        MultiTaskMmAP.from_pretrained(make_clip(), tmp_path, tokenizer=tokenizer)
+
+
+def test_wrapping_clip_raises_no_warning(tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiTaskMmAP(make_clip(), tokenizer, TASKS, GROUPS, MmAPConfig(prompt_length=2, source_shape=(1, 8)))
 
 
 def test_groups_must_partition_the_tasks(tokenizer):

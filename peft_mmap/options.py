@@ -1,0 +1,54 @@
+"""Names and defaults of the library's options, importable without torch, transformers or peft.
+
+``peft-mmap --help`` shows them without loading the heavy modules (which take seconds to import); the
+modules that use them import them from here, so each value is written once.
+"""
+
+from __future__ import annotations
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+"""Class-prompt template of a task (`peft_mmap.classifier.TaskSpec`)."""
+
+LAYOUTS = ("generic", "officehome", "domainnet")
+"""Dataset folder layouts (`peft_mmap.data.load_task_folders`)."""
+
+DEFAULT_PROMPT_LENGTH = 4
+"""``MmAPConfig.prompt_length`` (b): prompt tokens per layer and tower."""
+
+DEFAULT_SOURCE_SHAPE = (2, 8)
+"""``MmAPConfig.source_shape`` (m, n): shape of each layer's source prompt."""
+
+DEFAULT_NUM_GROUPS = 2
+"""Task groups found by gradient-based grouping when no number is given (``peft-mmap group`` and
+``bench``, `peft_mmap.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the
+best number": with the paper's criterion (the total within-group similarity) the best partition is a
+single group whenever every pairwise similarity is positive, which is the "all in one group" ablation of
+Table 3, not the method."""
+
+ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "vit-b32": (512, 8, 768, 12, 12, 32, 512),
+    "vit-b16": (512, 8, 768, 12, 12, 16, 512),
+    "vit-l14": (768, 12, 1024, 24, 16, 14, 768),
+}
+"""Tower sizes of the OpenAI CLIP checkpoints: (text hidden, text heads, vision hidden, vision layers,
+vision heads, patch size, projection dim); text: 12 layers, 77 positions, 49408 tokens; images 224 px
+(`peft_mmap.params.clip_config`)."""
+
+TINY_ARCH = "tiny"
+"""``peft-mmap perf --arch tiny``: 2 layers of width 64 per tower, 32 px images."""
+
+PERF_PRECISIONS = ("fp32", "bf16")
+"""Precisions ``peft-mmap perf`` measures."""
+
+PERF_INFER_BATCHES = (1, 4, 16)
+"""Serving batch sizes ``peft-mmap perf`` times."""
+
+PERF_METHODS: dict[str, tuple[str, dict]] = {
+    "mmap": ("mmap", {}),
+    "vpt_deep": ("vpt_mt", {"prompt_length": "2b"}),
+    "coop": ("coop_mt", {}),
+    "maple": ("maple_mt", {}),
+    "full_ft": ("full_ft_mt", {}),
+}
+"""Training methods ``peft-mmap perf`` times: perf name -> (registry name, builder options; ``"2b"`` =
+MmAP's tokens per layer)."""

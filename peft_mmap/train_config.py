@@ -1,0 +1,101 @@
+"""`TrainConfig`: the trainer's settings, a plain dataclass importable without torch (the CLI shows its
+defaults in ``--help``); the trainer itself is `peft_mmap.train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method (defaults: the paper's Office-Home setting).
+
+    Attributes:
+        epochs: passes over the largest task (see `peft_mmap.train` for the step count).
+        batch_size: images per task per step (the global batch under ``torchrun``).
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 (SGD) or decoupled (AdamW) weight decay on every trainable parameter.
+        optimizer: ``"sgd"`` or ``"adamw"``.
+        scheduler: ``"cosine"`` (to 0 after warm-up) or ``"constant"``.
+        warmup_epochs: epochs at the constant ``warmup_lr`` before the schedule starts.
+        warmup_lr: learning rate during warm-up.
+        precision: ``"fp32"``, ``"bf16"`` (autocast on CUDA or CPU) or ``"fp16"`` (autocast and loss scaling,
+            CUDA only).
+        gradient_checkpointing: recompute CLIP encoder layers in the backward pass to save memory.
+        seed: seeds python, numpy and torch, and the per-epoch task shuffles.
+        num_workers: ``DataLoader`` worker processes per task.
+        log_every: log the task losses every this many steps.
+        max_steps: stop after this many optimizer steps in total (quick runs; the schedule is unchanged).
+        grad_clip: clip the global gradient norm to this value.
+        augment: random resized crop and horizontal flip of every training batch (`peft_mmap.augment`),
+            drawn from ``(seed, epoch, task, step)`` so runs stay reproducible and resumable.
+    """
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.0035
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    max_steps: int | None = None
+    grad_clip: float | None = None
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}.")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("epochs", "batch_size", "log_every"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "a positive integer")
+        for name in ("warmup_epochs", "seed", "num_workers"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "a non-negative integer")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            fail("warmup_epochs", f"smaller than epochs ({self.epochs})")
+        for name in ("lr", "warmup_lr"):
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "a positive finite number")
+        for name in ("momentum", "weight_decay"):
+            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "a non-negative finite number")
+        if self.momentum >= 1:
+            fail("momentum", "smaller than 1")
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("precision", PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {list(allowed)}")
+        for name in ("gradient_checkpointing", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            fail("max_steps", "None or a positive integer")
+        if self.grad_clip is not None and (not is_number(self.grad_clip) or self.grad_clip <= 0):
+            fail("grad_clip", "None or a positive finite number")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
