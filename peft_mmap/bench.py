@@ -36,13 +36,9 @@ from .evaluate import (
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json
 from .grouping import group_tasks
 from .multitask import MultiTaskMmAP
-from .options import DEFAULT_NUM_GROUPS
+from .options import DEFAULT_NUM_GROUPS, PROTOCOLS
 from .train import TrainConfig, find_checkpoint, train
 
-#: How methods are trained: ``"recipes"`` gives each method its own recipe (`peft_mmap.baselines.RECIPES`:
-#: its paper's learning rate, context init, warm-up, augmentation) on top of the shared settings;
-#: ``"paper"`` trains every method with the shared settings alone (the MmAP paper's single SGD recipe).
-PROTOCOLS = ("recipes", "paper")
 #: Methods whose builder takes the task groups found by gradient-based grouping.
 GROUPED_METHODS = ("mmap", "mmap_random_groups", "joint_prompts", "mlp_prompts")
 #: Table 3 of the paper: (method, task-specific, group-shared) rows.

@@ -35,6 +35,7 @@ from .options import (
     PERF_INFER_BATCHES,
     PERF_METHODS,
     PERF_PRECISIONS,
+    PROTOCOLS,
     TINY_ARCH,
 )
 from .train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
@@ -603,6 +604,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="run a k-shot sweep (e.g. 1 3 6 12) instead of one --shots/--fraction setting.",
     )
     bench.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=PROTOCOLS[0],
+        help="'recipes': each method's own recipe (lr, context init, warm-up, augmentation) on top of the "
+        "shared settings; 'paper': the shared settings alone for every method (default recipes).",
+    )
+    bench.add_argument(
         "--output", type=Path, required=True, help="results folder (finished runs there are not rerun)."
     )
 
@@ -617,7 +625,7 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
         train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
         groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
-        eval_batch_size=args.eval_batch_size, device=args.device,
+        eval_batch_size=args.eval_batch_size, protocol=args.protocol, device=args.device,
     )  # fmt: skip
 
 

@@ -40,6 +40,12 @@ TINY_ARCH = "tiny"
 PERF_PRECISIONS = ("fp32", "bf16")
 """Precisions ``peft-mmap perf`` measures."""
 
+PROTOCOLS = ("recipes", "paper")
+"""How the benchmark trains its methods (`peft_mmap.bench.BenchmarkSpec.protocol`): ``"recipes"`` gives each
+method its own recipe (`peft_mmap.baselines.RECIPES`: its paper's learning rate, context init, warm-up,
+augmentation) on top of the shared settings; ``"paper"`` trains every method with the shared settings
+alone (the MmAP paper's single SGD recipe)."""
+
 PERF_INFER_BATCHES = (1, 4, 16)
 """Serving batch sizes ``peft-mmap perf`` times."""
 

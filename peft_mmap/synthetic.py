@@ -19,7 +19,6 @@ import io
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from peft_mmap.files import atomic_write_json, check_safe_name, make_temp_dir, read_json
 
-__all__ = [
-    "SYNTHETIC_CLASSES",
-    "SYNTHETIC_DOMAINS",
-    "WORLD_CLASSES",
-    "Scene",
-    "generate_benchmark",
-    "render_image",
-    "render_scene",
-]
+__all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_DOMAINS", "generate_benchmark", "render_image"]
 
 SYNTHETIC_DOMAINS: tuple[str, ...] = ("Photo", "Clipart", "Sketch", "Painting")
 
@@ -44,7 +35,7 @@ SYNTHETIC_DOMAINS: tuple[str, ...] = ("Photo", "Clipart", "Sketch", "Painting")
 _Part = tuple[str, np.ndarray]
 _SUPERSAMPLE = 2
 _BENCHMARK_FILE = "benchmark.json"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 1
 
 
 def _ellipse(
@@ -299,114 +290,22 @@ _SHAPES: dict[str, tuple[Callable[[], list[_Part]], float, bool]] = {
     "mushroom": (_mushroom, 20, True),
 }
 
-#: The benchmark's classes: what the downstream tasks ask about.
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(_SHAPES)
-
-
-def _sun() -> list[_Part]:
-    rays = [
-        ("line", _poly(0.5 * np.cos(a), 0.5 * np.sin(a), 0.92 * np.cos(a), 0.92 * np.sin(a)))
-        for a in np.deg2rad(np.arange(8) * 45.0)
-    ]
-    return [("fill", _ellipse(0, 0, 0.4, n=20)), *rays]
-
-
-def _bone() -> list[_Part]:
-    knobs = [("fill", _ellipse(x, y, 0.2, n=14)) for x in (-0.68, 0.68) for y in (-0.17, 0.17)]
-    return [("fill", _rect(-0.7, -0.13, 0.7, 0.13)), *knobs]
-
-
-def _regular(sides: int, radius: float = 0.85) -> Callable[[], list[_Part]]:
-    def parts() -> list[_Part]:
-        angles = np.deg2rad(np.arange(sides) * 360.0 / sides - 90.0)
-        return [("fill", np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1))]
-
-    return parts
-
-
-#: Objects of the wider pretraining world that no benchmark task asks about (CLIP, too, saw far more
-#: concepts than any downstream task uses).
-_WORLD_ONLY_SHAPES: dict[str, tuple[Callable[[], list[_Part]], float, bool]] = {
-    "hexagon": (_regular(6), 180, False),
-    "pentagon": (_regular(5), 20, False),
-    "cloud": (
-        lambda: [
-            ("fill", _ellipse(x, y, r, n=18))
-            for x, y, r in ((-0.45, 0.1, 0.38), (0.0, -0.2, 0.48), (0.45, 0.1, 0.38), (0.0, 0.25, 0.35))
-        ],
-        15,
-        True,
-    ),
-    "leaf": (
-        lambda: [
-            (
-                "fill",
-                _poly(-0.9, 0, -0.5, -0.42, 0.1, -0.5, 0.6, -0.28, 0.9, 0, 0.6, 0.28, 0.1, 0.5, -0.5, 0.42),
-            ),
-            ("cut", _poly(-0.9, 0, 0.75, 0)),
-        ],
-        180,
-        True,
-    ),
-    "bottle": (
-        lambda: [
-            ("fill", _rect(-0.38, -0.2, 0.38, 0.9)),
-            ("fill", _poly(-0.38, -0.2, -0.14, -0.55, 0.14, -0.55, 0.38, -0.2)),
-            ("fill", _rect(-0.14, -0.9, 0.14, -0.5)),
-        ],
-        25,
-        False,
-    ),
-    "sun": (_sun, 180, False),
-    "bone": (_bone, 180, False),
-    "lollipop": (
-        lambda: [("fill", _ellipse(0, -0.35, 0.5)), ("line", _poly(0, 0.1, 0, 0.92))],
-        25,
-        True,
-    ),
-}
-_SHAPES.update(_WORLD_ONLY_SHAPES)
-
-#: Every object of the pretraining world: the benchmark's classes first, then the pretraining-only ones.
-WORLD_CLASSES: tuple[str, ...] = tuple(_SHAPES)
-
-#: Named colours used in captions, by hue sector (``hue`` in [0, 1) times 6, rounded).
-HUE_NAMES = ("red", "yellow", "green", "teal", "blue", "purple")
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What a rendered image shows, for writing its caption.
-
-    Attributes:
-        colour: the object's colour name (``None`` for uncoloured ``Sketch`` strokes).
-        size: ``"small"``, ``"medium"`` or ``"large"`` (object radius relative to the image).
-        position: ``"left"``, ``"right"``, ``"top"``, ``"bottom"`` or ``"centre"`` (object centre).
-    """
-
-    colour: str | None
-    size: str
-    position: str
 
 
 def _random_colour(
     rng: np.random.Generator,
     saturation: tuple[float, float] = (0.55, 1.0),
     value: tuple[float, float] = (0.45, 1.0),
-    hue: float | None = None,
 ) -> np.ndarray:
-    """A random RGB colour in [0, 1], shape (3,), drawn in HSV space (``hue`` in [0, 1) fixes the hue)."""
-    h = rng.random() if hue is None else hue
-    s, v = rng.uniform(*saturation), rng.uniform(*value)
+    """A random RGB colour in [0, 1], shape (3,), drawn in HSV space."""
+    h, s, v = rng.random(), rng.uniform(*saturation), rng.uniform(*value)
     k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
     return v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def _posed_parts(
-    class_name: str, rng: np.random.Generator, canvas: int
-) -> tuple[list[_Part], float, np.ndarray]:
-    """The class parts with a random pose, in canvas pixel coordinates; the object radius in pixels and its
-    centre ``(2,)`` (x, y) in pixels."""
+def _posed_parts(class_name: str, rng: np.random.Generator, canvas: int) -> tuple[list[_Part], float]:
+    """The class parts with a random pose, in canvas pixel coordinates, and the object radius in pixels."""
     make, max_rot, flip = _SHAPES[class_name]
     parts = make()
     theta = np.deg2rad(rng.uniform(-max_rot, max_rot))
@@ -423,7 +322,7 @@ def _posed_parts(
         p = pts + rng.normal(0.0, 0.025, size=pts.shape)
         p = p + bend * p[:, ::-1] ** 2
         posed.append((kind, (p @ affine.T) * radius + centre))
-    return posed, radius, centre
+    return posed, radius
 
 
 def _object_mask(parts: Sequence[_Part], canvas: int, line_width: int) -> Image.Image:
@@ -475,9 +374,7 @@ def _draw_clutter(
             draw.line([(x, y), (x + dx, y + dy)], fill=colour(), width=width)
 
 
-def _render_photo(
-    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int, hue: float
-) -> Image.Image:
+def _render_photo(parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int) -> Image.Image:
     yy, xx = np.mgrid[0:canvas, 0:canvas] / canvas
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
@@ -505,13 +402,13 @@ def _render_photo(
     shade = (
         0.65 + 0.6 * (0.5 + 0.5 * (np.cos(light) * (xx - 0.5) + np.sin(light) * (yy - 0.5)) * 2)[..., None]
     )
-    obj = _random_colour(rng, hue=hue) * shade * (0.92 + 0.16 * _smooth_noise(rng, canvas, 10))
+    obj = _random_colour(rng) * shade * (0.92 + 0.16 * _smooth_noise(rng, canvas, 10))
     alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(0.8)))[..., None] / 255.0
     return _to_image(background * (1 - alpha) + obj * alpha)
 
 
 def _render_clipart(
-    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int, hue: float
+    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int
 ) -> Image.Image:
     background = (
         (1.0, 1.0, 1.0) if rng.random() < 0.5 else 0.85 + 0.15 * _random_colour(rng, (0.2, 0.5), (1, 1))
@@ -524,16 +421,14 @@ def _render_clipart(
 
     _draw_clutter(draw, rng, canvas, clutter_colour, int(rng.integers(0, 4)), line_width)
     mask = _object_mask(parts, canvas, line_width)
-    image.paste(tuple(int(v) for v in _random_colour(rng, (0.7, 1.0), (0.75, 1.0), hue) * 255), mask=mask)
+    image.paste(tuple(int(v) for v in _random_colour(rng, (0.7, 1.0), (0.75, 1.0)) * 255), mask=mask)
     inner = mask.filter(ImageFilter.MinFilter(2 * (line_width // 2) + 1))
     edge = Image.fromarray(((np.asarray(mask) > 0) & (np.asarray(inner) == 0)).astype(np.uint8) * 255, "L")
     image.paste((0, 0, 0), mask=edge)
     return image
 
 
-def _render_sketch(
-    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int, hue: float
-) -> Image.Image:
+def _render_sketch(parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int) -> Image.Image:
     paper = int(rng.integers(235, 256))
     image = Image.new("L", (canvas, canvas), paper)
     draw = ImageDraw.Draw(image)
@@ -556,13 +451,13 @@ def _render_sketch(
 
 
 def _render_painting(
-    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int, hue: float
+    parts: list[_Part], rng: np.random.Generator, canvas: int, line_width: int
 ) -> Image.Image:
     base = _random_colour(rng, (0.15, 0.5), (0.5, 0.95))
     background = Image.fromarray(
         (np.clip(base, 0, 1) * 255).astype(np.uint8)[None, None].repeat(canvas, 0).repeat(canvas, 1), "RGB"
     )
-    obj_colour = _random_colour(rng, (0.5, 0.9), (0.4, 0.95), hue)
+    obj_colour = _random_colour(rng, (0.5, 0.9), (0.4, 0.95))
     foreground = Image.new("RGB", (canvas, canvas), tuple(int(v * 255) for v in obj_colour))
     for layer, colour in ((background, base), (foreground, obj_colour)):
         draw = ImageDraw.Draw(layer)
@@ -582,7 +477,7 @@ def _render_painting(
     return _to_image(noisy).filter(ImageFilter.GaussianBlur(canvas * 0.012))
 
 
-_RENDERERS: dict[str, Callable[[list[_Part], np.random.Generator, int, int, float], Image.Image]] = {
+_RENDERERS: dict[str, Callable[[list[_Part], np.random.Generator, int, int], Image.Image]] = {
     "Photo": _render_photo,
     "Clipart": _render_clipart,
     "Sketch": _render_sketch,
@@ -602,45 +497,22 @@ def _check_int(value: object, what: str, minimum: int) -> int:
     return int(value)
 
 
-def _describe(hue: float, domain: str, radius: float, centre: np.ndarray, canvas: int) -> Scene:
-    """The caption-level description of a posed, coloured object."""
-    relative = radius / canvas  # drawn in [0.26, 0.42]
-    size = "small" if relative < 0.31 else "large" if relative > 0.37 else "medium"
-    dx, dy = (centre - canvas / 2) / (canvas / 2 - radius * 1.05 + 1e-6)
-    if max(abs(dx), abs(dy)) < 0.4:
-        position = "centre"
-    elif abs(dx) >= abs(dy):
-        position = "left" if dx < 0 else "right"
-    else:
-        position = "top" if dy < 0 else "bottom"
-    colour = None if domain == "Sketch" else HUE_NAMES[round(hue * 6) % 6]
-    return Scene(colour, size, position)
+def render_image(class_name: str, domain: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Draw one ``size`` x ``size`` RGB image of ``class_name`` in ``domain`` using ``rng``.
 
-
-def render_scene(
-    class_name: str, domain: str, rng: np.random.Generator, size: int = 64
-) -> tuple[Image.Image, Scene]:
-    """Draw one ``size`` x ``size`` RGB image of ``class_name`` in ``domain`` using ``rng``, and say what it shows.
-
-    ``class_name`` may be any of :data:`WORLD_CLASSES`. The same generator state always gives the same
-    image. Raises ``ValueError`` for an unknown class or domain or a ``size`` below 16.
+    The same generator state always gives the same image. Raises ``ValueError`` for an unknown class or
+    domain or a ``size`` below 16.
     """
-    _check_choice(class_name, WORLD_CLASSES, "class name")
+    _check_choice(class_name, SYNTHETIC_CLASSES, "class name")
     _check_choice(domain, SYNTHETIC_DOMAINS, "domain")
     size = _check_int(size, "image size", 16)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"Invalid rng {rng!r}: expected a numpy.random.Generator.")
     canvas = size * _SUPERSAMPLE
-    parts, radius, centre = _posed_parts(class_name, rng, canvas)
+    parts, radius = _posed_parts(class_name, rng, canvas)
     line_width = max(2, round(radius * 0.09))
-    hue = float(rng.random())
-    image = _RENDERERS[domain](parts, rng, canvas, line_width, hue)
-    return image.resize((size, size), Image.LANCZOS), _describe(hue, domain, radius, centre, canvas)
-
-
-def render_image(class_name: str, domain: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """Draw one image of ``class_name`` in ``domain`` (see `render_scene`)."""
-    return render_scene(class_name, domain, rng, size)[0]
+    image = _RENDERERS[domain](parts, rng, canvas, line_width)
+    return image.resize((size, size), Image.LANCZOS)
 
 
 def _check_subset(values: Sequence[str] | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -9,15 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_mmap.synthetic import (
-    HUE_NAMES,
-    SYNTHETIC_CLASSES,
-    SYNTHETIC_DOMAINS,
-    WORLD_CLASSES,
-    generate_benchmark,
-    render_image,
-    render_scene,
-)
+from peft_mmap.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark, render_image
 
 
 def _pixels(class_name: str, domain: str, seed: int, size: int = 64) -> np.ndarray:
@@ -184,24 +176,3 @@ def _stat(image: np.ndarray) -> tuple[float, float, float]:
     gradient = np.abs(np.diff(image.mean(-1), axis=1)).mean()
     return float(saturation), float(near_white), float(gradient)
 
-
-def test_world_is_broader_than_the_benchmark() -> None:
-    assert set(SYNTHETIC_CLASSES) < set(WORLD_CLASSES)
-    assert WORLD_CLASSES[: len(SYNTHETIC_CLASSES)] == SYNTHETIC_CLASSES
-    for class_name in WORLD_CLASSES[len(SYNTHETIC_CLASSES) :]:
-        image, _ = render_scene(class_name, "Clipart", np.random.default_rng(0), size=32)
-        assert image.size == (32, 32)
-
-
-def test_render_scene_describes_the_image() -> None:
-    image, scene = render_scene("star", "Photo", np.random.default_rng(4))
-    assert np.array_equal(np.asarray(image), _pixels("star", "Photo", 4))  # render_image draws the same
-    assert scene.colour in HUE_NAMES
-    assert scene.size in ("small", "medium", "large")
-    assert scene.position in ("left", "right", "top", "bottom", "centre")
-    assert render_scene("star", "Sketch", np.random.default_rng(4))[1].colour is None  # grey strokes
-
-
-def test_benchmark_has_no_world_only_classes(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Unknown class name 'sun'"):
-        generate_benchmark(tmp_path / "b", images_per_class=1, classes=["sun"])
