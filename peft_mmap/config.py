@@ -87,11 +87,12 @@ class MmAPConfig(PeftConfig):
         default=0.02, metadata={"help": "Std of the Gaussian init of the source prompts."}
     )
     scale_init: Literal["zeros", "ones", "normal"] = field(
-        default="zeros",
+        default="ones",
         metadata={
-            "help": "Init of the scaling matrices: 'zeros' (prompts start as zero tokens, the smallest change to "
-            "the pretrained model, as LoRA zero-initialises B), 'ones' (each prompt starts as tiled copies of "
-            "P_s, text and vision prompts aligned) or 'normal' (N(0, 1) entries)."
+            "help": "Init of the scaling matrices: 'ones' (each prompt starts as tiled copies of P_s ~ N(0, "
+            "init_std), text and vision prompts aligned; every factor gets a gradient at the first step), "
+            "'zeros' (prompts start as zero tokens; P_s gets no gradient until M has moved) or 'normal' "
+            "(N(0, 1) entries)."
         },
     )
     target_modules: str | list[str] | None = field(

@@ -133,18 +133,20 @@ def verdict(methods: Mapping[str, Mapping]) -> dict:
     def score(name: str) -> tuple[float, float]:
         return methods[name]["average"], methods[name]["std"][AVERAGE]
 
+    def shown(name: str) -> str:  # mean ± std over seeds; the mean alone for a single run
+        mean, std = score(name)
+        return f"{mean:.1f}" if len(methods[name]["runs"]) == 1 else f"{mean:.1f} ± {std:.1f}"
+
     mmap, parts = score("mmap"), []
-    text = f"verdict: MmAP {mmap[0]:.1f} ± {mmap[1]:.1f}"
+    text = f"verdict: MmAP {shown('mmap')}"
     out: dict = {"mmap": mmap}
     if "zeroshot" in methods:
         out["zeroshot"] = score("zeroshot")
-        parts.append(f"zero-shot {out['zeroshot'][0]:.1f} ± {out['zeroshot'][1]:.1f} "
-                     f"({mmap[0] - out['zeroshot'][0]:+.1f})")  # fmt: skip
+        parts.append(f"zero-shot {shown('zeroshot')} ({mmap[0] - out['zeroshot'][0]:+.1f})")
     others = [m for m in methods if m not in ("mmap", "zeroshot")]
     if others:
         best = max(others, key=lambda m: methods[m]["average"])
         out["best_baseline"] = {"method": best, "score": score(best)}
-        parts.append(f"best baseline {best} {score(best)[0]:.1f} ± {score(best)[1]:.1f} "
-                     f"({mmap[0] - score(best)[0]:+.1f})")  # fmt: skip
+        parts.append(f"best baseline {best} {shown(best)} ({mmap[0] - score(best)[0]:+.1f})")
     out["line"] = text + (" vs " + "; vs ".join(parts) if parts else "")
     return out
