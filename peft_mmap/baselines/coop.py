@@ -13,7 +13,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from ..layer import Tower
-from .prompted import PromptUnit, check_init
+from .prompted import PromptUnit, init_prefix
 
 #: Context tokens and init std of CoOp.
 DEFAULT_N_CTX, DEFAULT_INIT_STD = 16, 0.02
@@ -22,8 +22,8 @@ DEFAULT_N_CTX, DEFAULT_INIT_STD = 16, 0.02
 class CoOpContext(PromptUnit):
     """``n_ctx`` learnable text tokens ``(n_ctx, d_l)``. Parameters: ``n_ctx * d_l``.
 
-    Initialised N(0, init_std²), or from the word embeddings ``init`` ``(n_ctx, d_l)`` of a phrase such as
-    "a photo of a" (CoOp's ``ctx_init``; see `peft_mmap.baselines.prompted.word_embeddings`).
+    Initialised N(0, init_std²); with ``init`` (the word embeddings of a phrase such as "a photo of a",
+    CoOp's ``ctx_init``, see `peft_mmap.baselines.prompted.word_embeddings`) its first tokens start as them.
     """
 
     def __init__(
@@ -36,7 +36,7 @@ class CoOpContext(PromptUnit):
         super().__init__()
         self.lengths = {"text": n_ctx, "vision": 0}
         ctx = torch.randn(n_ctx, config.text_config.hidden_size) * init_std
-        self.ctx = nn.Parameter(ctx if init is None else check_init(init, ctx.shape).clone())
+        self.ctx = nn.Parameter(init_prefix(ctx, init))
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
         return self.ctx if tower == "text" and layer == 0 else None

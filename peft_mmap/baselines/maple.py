@@ -14,7 +14,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from ..layer import Tower
-from .prompted import PromptUnit, check_init, prompt_depth
+from .prompted import PromptUnit, init_prefix, prompt_depth
 
 DEFAULT_PROMPT_LENGTH, DEFAULT_DEPTH, DEFAULT_INIT_STD = 2, 9, 0.02
 
@@ -43,8 +43,7 @@ class MaPLePrompts(PromptUnit):
         self.depth = _depth(config, depth)
         self.lengths = {"text": prompt_length, "vision": prompt_length}
         text = torch.randn(self.depth, prompt_length, d_l) * init_std
-        if init is not None:  # MaPLe: the first layer's prompts start as the first words of ctx_init
-            text[0] = check_init(init[:prompt_length], text[0].shape)
+        text[0] = init_prefix(text[0], init)  # MaPLe: the first layer's prompts from ctx_init's first words
         self.text = nn.Parameter(text)
         self.projections = nn.ModuleList(nn.Linear(d_l, d_v) for _ in range(self.depth))
 

@@ -126,14 +126,17 @@ def word_embeddings(clip: nn.Module, tokenizer: PreTrainedTokenizerBase, phrase:
         )
 
 
-def check_init(init: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``init`` if it has ``shape``; else a ``ValueError`` naming both (e.g. ctx_init of the wrong length)."""
-    if tuple(init.shape) != tuple(shape):
+def init_prefix(prompts: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    """``prompts`` ``(n, d)`` with its first ``min(n, len(init))`` rows set to ``init`` ``(k, d)``, the word
+    embeddings of ``ctx_init`` (the other rows keep their random init); ``prompts`` itself if no ``init``."""
+    if init is None:
+        return prompts
+    if init.shape[-1] != prompts.shape[-1]:
         raise ValueError(
-            f"Prompt init of shape {tuple(init.shape)} does not fit prompts of shape {tuple(shape)}: "
-            "ctx_init must have as many tokens as the context length (n_ctx / prompt_length)."
+            f"ctx_init embeddings of width {init.shape[-1]} do not fit prompts of width {prompts.shape[-1]}."
         )
-    return init.detach().float()
+    k = min(len(init), len(prompts))
+    return torch.cat([init[:k].detach().to(prompts.dtype), prompts[k:]])
 
 
 def class_name_tasks(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> list[TaskSpec]:
