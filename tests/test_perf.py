@@ -279,8 +279,6 @@ def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
 
 
 def test_perf_module_does_not_import_the_command_line():
-    code = (
-        "import sys, peft_mmap.perf; print('peft_mmap.cli' in sys.modules)"
-    )
+    code = "import sys, peft_mmap.perf; print('peft_mmap.cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -165,7 +165,7 @@ def test_manifest_file_problems(folder, tokenizer):
     with pytest.raises(ValueError, match=f"is {MAX_MANIFEST_BYTES + 1} bytes, more than the"):
         read_manifest(folder)
     (folder / MANIFEST_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=f"has no {MANIFEST_NAME}: not a MultiTaskMmAP folder"):
+    with pytest.raises(FileNotFoundError, match=f"has no {MANIFEST_NAME} .*: not a MultiTaskMmAP folder"):
         MultiTaskMmAP.from_pretrained(make_clip(), folder, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="is a file; expected a folder"):
         MultiTaskMmAP.from_pretrained(

@@ -175,4 +175,3 @@ def _stat(image: np.ndarray) -> tuple[float, float, float]:
     near_white = (image.min(-1) > 225).mean()
     gradient = np.abs(np.diff(image.mean(-1), axis=1)).mean()
     return float(saturation), float(near_white), float(gradient)
-

@@ -137,4 +137,3 @@ def test_pretraining_reproduces_the_shipped_tokenizer(tmp_path: Path) -> None:
     for tower in ("text_config", "vision_config"):
         for key in ("hidden_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size"):
             assert rebuilt[tower].get(key) == shipped[tower].get(key), (tower, key)
-
