@@ -681,7 +681,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (50 s on 2 busy cores).",
+        help="a shorter run: one seed, 2 epochs, 4 methods (50-57 s on 2 busy cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -787,7 +787,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 busy CPU cores: 9 min 29 s; --quick: 50 s).",
+        "switching (measured twice on 2 busy CPU cores: 9.5-10.5 min; --quick: 50-57 s).",
         add_demo_arguments,
         run_demo,
     ),
