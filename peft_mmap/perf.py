@@ -149,13 +149,18 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_seconds(
-    calls: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds of every call in ``calls``, timed round-robin.
 
     ``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every variant once, starting one
     variant later than the round before (A B C, B C A, C A B, ...). Returns ``{name: [seconds per round]}``,
-    so ``result[a][r] / result[b][r]`` is the ratio of ``a`` to ``b`` in round ``r``.
+    so ``result[a][r] / result[b][r]`` is the ratio of ``a`` to ``b`` in round ``r``. ``log`` gets a line per
+    round.
     """
     names = list(calls)
     for _ in range(warmup):
@@ -170,6 +175,8 @@ def interleaved_seconds(
             calls[name]()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+        if log is not None:
+            log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names))
     return times
 
 
@@ -182,10 +189,20 @@ def quartiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
-    """``{"value", "q1", "q3"}``: the ratio of the medians and the quartiles of the per-round ratios."""
+    """``{"value", "q1", "q3", "of_medians"}`` of the per-round ratios ``numerator[r] / denominator[r]``.
+
+    ``value`` is their median and ``q1``/``q3`` their quartiles: the two calls of one round run seconds
+    apart, so their ratio cancels a load change that spans the round, which the ratio of the two medians
+    (``of_medians``, kept for reference) does not.
+    """
     per_round = quartiles([a / b for a, b in zip(numerator, denominator, strict=True)])
-    value = statistics.median(numerator) / statistics.median(denominator)
-    return {"value": value, "q1": per_round["q1"], "q3": per_round["q3"]}
+    of_medians = statistics.median(numerator) / statistics.median(denominator)
+    return {
+        "value": per_round["median"],
+        "q1": per_round["q1"],
+        "q3": per_round["q3"],
+        "of_medians": of_medians,
+    }
 
 
 @contextlib.contextmanager
@@ -218,8 +235,16 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 class _Bench:
     """Builds the models of one run and measures them (one base CLIP, deep-copied per method)."""
 
-    def __init__(self, arch: str, device: torch.device, batch: int, precision: str, seed: int = 0) -> None:
-        self.device, self.batch, self.precision = device, batch, precision
+    def __init__(
+        self,
+        arch: str,
+        device: torch.device,
+        batch: int,
+        precision: str,
+        seed: int = 0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device, self.batch, self.precision, self.log = device, batch, precision, log
         self.config = perf_clip_config(arch)
         self.tasks = benchmark_tasks()
         self.tokenizer = word_tokenizer([p for t in self.tasks for p in t.prompts], self.config)
@@ -299,7 +324,7 @@ class _Bench:
             optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
             result[name] = self.counted_step(model, optimizer)
             steps[name] = lambda model=model, optimizer=optimizer: self.train_step(model, optimizer)
-        times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device)
+        times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device, self.log)
         for name, entry in result.items():
             entry["seconds"] = times[name]
         return result
@@ -349,7 +374,7 @@ class _Bench:
                 with counter:
                     call()
                 gflop[name] = counter.get_total_flops() / 1e9
-            times = interleaved_seconds(calls, rounds, warmup, self.device)
+            times = interleaved_seconds(calls, rounds, warmup, self.device, self.log)
             result[f"b{batch}"] = {"batch": batch, "gflop": gflop, "seconds": times}
         return result
 
@@ -375,7 +400,8 @@ class _Bench:
 
             return call
 
-        times = interleaved_seconds({k: step(v) for k, v in token_sets.items()}, rounds, warmup, self.device)
+        steps = {k: step(v) for k, v in token_sets.items()}
+        times = interleaved_seconds(steps, rounds, warmup, self.device, self.log)
         return {"seconds": times, "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1])}
 
     def profile_serving(self, calls: int = 8, rows: int = 15) -> str:
@@ -436,7 +462,7 @@ def run_benchmark(
     unknown = sorted(set(methods) - set(TRAIN_METHODS))
     if unknown:
         raise ValueError(f"Unknown perf methods {unknown}; known: {list(TRAIN_METHODS)}.")
-    bench = _Bench(arch, device, batch, precision)
+    bench = _Bench(arch, device, batch, precision, log=log)
     log(f"training steps, round-robin: {', '.join(methods)}")
     train = bench.measure_training(methods, rounds, warmup)
     gc.collect()  # free the training models before serving

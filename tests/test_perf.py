@@ -208,7 +208,7 @@ def test_quartiles_and_ratio_spread():
     assert quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0}
     assert quartiles([2.0]) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
     spread = ratio_spread([2.0, 4.0, 6.0], [1.0, 1.0, 2.0])  # per-round ratios 2, 4, 3
-    assert spread == {"value": 4.0, "q1": 2.5, "q3": 3.5}
+    assert spread == {"value": 3.0, "q1": 2.5, "q3": 3.5, "of_medians": 4.0}
     with pytest.raises(ValueError):
         ratio_spread([1.0, 2.0], [1.0])
 
