@@ -7,7 +7,9 @@ The shipped files in :data:`TINY_CLIP_PATH` are a transformers ``CLIPModel`` (``
 :func:`pretrain_tiny_clip` reproduces them: it renders image–caption pairs with
 :mod:`peft_mmap.synthetic` (in memory), trains the tokenizer, builds the model from a ``CLIPConfig`` and
 trains it with CLIP's symmetric InfoNCE loss and learnable temperature. The corpus is deliberately uneven
-across domains (mostly Photo and Clipart) so zero-shot transfer differs by domain. The run is
+across domains (a mix unlike the benchmark's four equal tasks) and it uses three of the benchmark's
+labels loosely (:data:`AMBIGUOUS_LABELS`), so the benchmark is a shifted slice of the pretraining world:
+zero-shot transfer differs by domain and a few labelled shots have something to teach. The run is
 deterministic on CPU: fixed seeds, a fixed thread count and ``torch.use_deterministic_algorithms(True)``.
 """
 
@@ -32,7 +34,7 @@ from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
 from peft_mmap.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 
-__all__ = ["TINY_CLIP_PATH", "load_tiny_clip", "pretrain_tiny_clip"]
+__all__ = ["AMBIGUOUS_LABELS", "TINY_CLIP_PATH", "caption_name", "load_tiny_clip", "pretrain_tiny_clip"]
 
 TINY_CLIP_PATH: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip"
 
@@ -42,7 +44,7 @@ _TOKENIZER_CAPTIONS = 16000
 _IMAGE_SIZE = 48
 _RENDER_SIZE = 64  # the synthetic benchmark's image size; the processor resizes to _IMAGE_SIZE
 # Share of each domain in the pretraining corpus (Photo, Clipart, Sketch, Painting).
-_DOMAIN_WEIGHTS = {"Photo": 0.45, "Clipart": 0.35, "Sketch": 0.08, "Painting": 0.12}
+_DOMAIN_WEIGHTS = {"Photo": 0.35, "Clipart": 0.28, "Sketch": 0.22, "Painting": 0.15}
 _DOMAIN_TEMPLATES = {
     "Photo": (
         "a photo of a {}.",
@@ -74,6 +76,18 @@ _GENERIC_TEMPLATES = (
     "an image of a {}.",
 )
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
+#: Benchmark labels the pretraining world uses loosely, as the web uses "mouse" or "crane":
+#: ``{label: (synonym, other object)}``. Captions of the labelled object mostly use the synonym (the label
+#: in `LABEL_SHARE` of them), and captions of the other object often use the label instead of its own name
+#: (`LOOSE_SHARE`). Zero-shot CLIP then reads the label as mostly the other object; few shots can fix it.
+AMBIGUOUS_LABELS: dict[str, tuple[str, str]] = {
+    "diamond": ("gem", "kite"),
+    "ring": ("donut", "circle"),
+    "cup": ("mug", "bell"),
+}
+LABEL_SHARE = 0.25
+LOOSE_SHARE = 0.5
+_LOOSE_NAMES = {other: label for label, (_, other) in AMBIGUOUS_LABELS.items()}
 
 
 def load_tiny_clip(path: str | os.PathLike = TINY_CLIP_PATH) -> tuple[CLIPModel, CLIPProcessor]:
@@ -83,8 +97,23 @@ def load_tiny_clip(path: str | os.PathLike = TINY_CLIP_PATH) -> tuple[CLIPModel,
     return model.eval(), processor
 
 
+def caption_name(class_name: str, draw: float) -> str:
+    """The word a pretraining caption uses for ``class_name``, given a uniform ``draw`` in [0, 1).
+
+    See :data:`AMBIGUOUS_LABELS`; every other object is called by its benchmark label.
+    """
+    if class_name in AMBIGUOUS_LABELS and draw >= LABEL_SHARE:
+        return AMBIGUOUS_LABELS[class_name][0]
+    if class_name in _LOOSE_NAMES and draw < LOOSE_SHARE:
+        return _LOOSE_NAMES[class_name]
+    return class_name.replace("_", " ")
+
+
 def _caption_corpus(seed: int, count: int) -> tuple[list[str], list[str], list[str]]:
-    """``count`` (domain, class, caption) triples drawn with the uneven domain mix, as three lists."""
+    """``count`` (domain, class, caption) triples drawn with the uneven domain mix, as three lists.
+
+    Captions name each object with :func:`caption_name`.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     names = list(_DOMAIN_WEIGHTS)
     domains = rng.choice(names, size=count, p=list(_DOMAIN_WEIGHTS.values()))
@@ -96,7 +125,10 @@ def _caption_corpus(seed: int, count: int) -> tuple[list[str], list[str], list[s
     return (
         [str(d) for d in domains],
         [str(c) for c in classes],
-        [t.format(c.replace("_", " ")) for t, c in zip(captions, classes, strict=True)],
+        [
+            t.format(caption_name(str(c), d))
+            for t, c, d in zip(captions, classes, rng.random(count), strict=True)
+        ],
     )
 
 
@@ -241,7 +273,7 @@ def label_aware_clip_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) 
 def pretrain_tiny_clip(
     output_dir: str | os.PathLike,
     seed: int = 0,
-    steps: int = 2500,
+    steps: int = 3000,
     batch_size: int = 128,
     num_pairs: int = 16000,
     lr: float = 1e-3,

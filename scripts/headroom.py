@@ -41,6 +41,11 @@ def main() -> None:
         )
     avg = result["average"]
     print(f"{'average':<10} {avg['zero_shot']:9.1f} {avg['probe']:7.1f} {avg['gain']:+6.1f}")
+    in_range = all(30.0 <= row["zero_shot"] <= 85.0 for row in result["tasks"].values())
+    print(f"every task's zero-shot within 30-85 %: {'yes' if in_range else 'no'}")
+    print(
+        f"probe beats zero-shot by >= 5 points on average (headroom): {'yes' if avg['gain'] >= 5 else 'no'}"
+    )
     if args.json:
         atomic_write_json(args.json, result)
 

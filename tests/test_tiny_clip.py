@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from peft_mmap.synthetic import SYNTHETIC_CLASSES, render_image
-from peft_mmap.tiny_clip import TINY_CLIP_PATH, load_tiny_clip, pretrain_tiny_clip
+from peft_mmap.tiny_clip import (
+    AMBIGUOUS_LABELS,
+    LABEL_SHARE,
+    LOOSE_SHARE,
+    TINY_CLIP_PATH,
+    caption_name,
+    load_tiny_clip,
+    pretrain_tiny_clip,
+)
 
 torch.set_num_threads(2)
 
@@ -88,6 +96,21 @@ def test_tokenizer_round_trip() -> None:
     assert all(t.endswith("</w>") for t in tokenizer.tokenize("a photo of a boat"))
     batch = tokenizer(["a cup", "a painting of a mushroom on canvas"], padding=True)
     assert batch["input_ids"][0][-1] == tokenizer.pad_token_id
+
+
+def test_caption_names_make_some_labels_ambiguous() -> None:
+    assert set(AMBIGUOUS_LABELS) <= set(SYNTHETIC_CLASSES)
+    assert {other for _, other in AMBIGUOUS_LABELS.values()} <= set(SYNTHETIC_CLASSES)
+    assert 0 < LABEL_SHARE < LOOSE_SHARE < 1  # the label names the other object more often than its own
+    for label, (synonym, other) in AMBIGUOUS_LABELS.items():
+        assert synonym not in SYNTHETIC_CLASSES
+        assert caption_name(label, LABEL_SHARE / 2) == label
+        assert caption_name(label, (LABEL_SHARE + 1) / 2) == synonym
+        assert caption_name(other, LOOSE_SHARE / 2) == label
+        assert caption_name(other, (LOOSE_SHARE + 1) / 2) == other
+    plain = [c for c in SYNTHETIC_CLASSES if c not in AMBIGUOUS_LABELS and c not in
+             {o for _, o in AMBIGUOUS_LABELS.values()}]  # fmt: skip
+    assert all(caption_name(c, d) == c.replace("_", " ") for c in plain for d in (0.0, 0.5, 0.99))
 
 
 def test_zero_shot_photo_well_above_chance(tiny_clip: tuple) -> None:
