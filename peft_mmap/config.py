@@ -12,7 +12,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .files import check_safetensors, new_file_mode
 from .options import DEFAULT_PROMPT_LENGTH, DEFAULT_SOURCE_SHAPE
-from .registration import MMAP_PEFT_TYPE
+from .peft_type import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
 #: single-tower models (``[text_model.|vision_model.]encoder.layers.N``).

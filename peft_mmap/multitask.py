@@ -16,6 +16,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
 
+from ._version import __version__
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, load_clip_processor
 from .config import MmAPConfig
 from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, make_temp_dir, read_json
@@ -147,8 +148,6 @@ class MultiTaskMmAP(CLIPTaskClassifier):
 
     # ---- persistence -----------------------------------------------------------------------------
     def manifest(self) -> dict:
-        from . import __version__
-
         config = self.config.to_dict()
         config.pop("target_modules", None)
         return {

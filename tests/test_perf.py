@@ -14,10 +14,8 @@ import torch
 from conftest import make_clip
 
 from peft_mmap import MmAPConfig
-from peft_mmap.classifier import TaskSpec
-from peft_mmap.cli import add_perf_arguments
-from peft_mmap.multitask import MultiTaskMmAP
-from peft_mmap.perf import (
+from peft_mmap.apps.cli import add_perf_arguments
+from peft_mmap.apps.perf import (
     OFFICE_HOME_CLASSES,
     SERVING,
     TRAIN_METHODS,
@@ -29,6 +27,8 @@ from peft_mmap.perf import (
     saved_tensor_bytes,
     word_tokenizer,
 )
+from peft_mmap.classifier import TaskSpec
+from peft_mmap.multitask import MultiTaskMmAP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> Non
 
 
 def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
-    from peft_mmap.cli import main
+    from peft_mmap.apps.cli import main
 
     options = "perf --arch tiny --batch 2 --infer-batches 1,2 --rounds 2 --warmup 0 --peak-tflops 1"
     main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--output", str(tmp_path)])
@@ -279,6 +279,6 @@ def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
 
 
 def test_perf_module_does_not_import_the_command_line():
-    code = "import sys, peft_mmap.perf; print('peft_mmap.cli' in sys.modules)"
+    code = "import sys, peft_mmap.apps.perf; print('peft_mmap.apps.cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -550,7 +550,7 @@ def test_task_adapters_only_round_trip(tokenizer, tmp_path):
     ],
 )
 def test_cli_rejects_bad_values_with_exit_code_2(workspace, tmp_path, capsys, option, message):
-    from peft_mmap.cli import main
+    from peft_mmap.apps.cli import main
 
     argv = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2",
             "--output", str(tmp_path / "run"), *option]  # fmt: skip

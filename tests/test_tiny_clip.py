@@ -15,8 +15,8 @@ from conftest import assert_umask_modes, process_umask
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from peft_mmap.synthetic import SYNTHETIC_CLASSES, render_image
-from peft_mmap.tiny_clip import TINY_CLIP_PATH, load_tiny_clip, pretrain_tiny_clip
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, render_image
+from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH, load_tiny_clip, pretrain_tiny_clip
 
 torch.set_num_threads(2)
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from .files import atomic_write_json, read_json
-from .options import (
+from ..files import atomic_write_json, read_json
+from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
     DEFAULT_PROMPT_LENGTH,
@@ -38,16 +37,17 @@ from .options import (
     PROTOCOLS,
     TINY_ARCH,
 )
-from .train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from ..train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from .classifier import TaskSpec
-    from .config import MmAPConfig
-    from .data import ImageClassificationDataset, TaskSplit
-    from .train import TrainResult
+    from ..classifier import TaskSpec
+    from ..config import MmAPConfig
+    from ..data import ImageClassificationDataset, TaskSplit
+    from ..train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    from .config import MmAPConfig
+    from ..config import MmAPConfig
 
     return MmAPConfig(
         prompt_length=args.prompt_length, source_shape=tuple(args.source_shape), depth=args.depth
@@ -314,7 +314,7 @@ def device_of(args: argparse.Namespace) -> torch.device:
 
 def load_processor(model: str) -> CLIPProcessor:
     """The checkpoint's processor (PIL image backend, see `peft_mmap.classifier.load_clip_processor`)."""
-    from .classifier import load_clip_processor
+    from ..classifier import load_clip_processor
 
     try:
         return load_clip_processor(model)
@@ -334,7 +334,7 @@ def load_clip(model: str) -> CLIPModel:
 def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
     """The train/test split of the selected tasks, read from ``--split-file`` or drawn; the data must be of
     ``--layout``. Writes nothing (see `save_split_file`)."""
-    from .data import check_layout, few_shot_split, load_split, load_task_folders
+    from ..data import check_layout, few_shot_split, load_split, load_task_folders
 
     if args.split_file is not None and args.split_file.is_file():
         splits = load_split(args.split_file, args.data)
@@ -353,14 +353,14 @@ def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
 
 def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> None:
     """Write a freshly drawn split to ``--split-file`` (once every check has passed)."""
-    from .data import save_split
+    from ..data import save_split
 
     if args.split_file is not None and not args.split_file.is_file():
         save_split(splits, args.split_file, args.data)
 
 
 def task_specs(splits: dict[str, TaskSplit], template: str) -> list[TaskSpec]:
-    from .classifier import TaskSpec
+    from ..classifier import TaskSpec
 
     return [TaskSpec(name, split.classnames, template) for name, split in splits.items()]
 
@@ -369,7 +369,7 @@ def datasets(
     splits: dict[str, TaskSplit], processor: CLIPProcessor, part: str, args: argparse.Namespace
 ) -> dict[str, ImageClassificationDataset]:
     """Each task's ``part`` (``train``/``test``) images; unreadable images are reported here, before any work."""
-    from .data import ImageClassificationDataset
+    from ..data import ImageClassificationDataset
 
     return {
         name: ImageClassificationDataset(
@@ -418,8 +418,8 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_group(args: argparse.Namespace) -> None:
-    from .affinity import AFFINITY_JSON, AFFINITY_PNG, save_affinity, task_affinity
-    from .grouping import group_tasks
+    from ..affinity import AFFINITY_JSON, AFFINITY_PNG, save_affinity, task_affinity
+    from ..grouping import group_tasks
 
     config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
@@ -454,8 +454,8 @@ def add_train_subcommand_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .multitask import RUN_ADAPTERS_DIR, MultiTaskMmAP, check_groups
-    from .train import find_checkpoint, train
+    from ..multitask import RUN_ADAPTERS_DIR, MultiTaskMmAP, check_groups
+    from ..train import find_checkpoint, train
 
     config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
@@ -520,9 +520,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .baselines import build_method
-    from .evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
-    from .multitask import MultiTaskMmAP, manifest_task_specs, read_manifest, resolve_adapter_folder
+    from ..baselines import build_method
+    from ..evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
+    from ..multitask import MultiTaskMmAP, manifest_task_specs, read_manifest, resolve_adapter_folder
 
     zero_shot = "zeroshot"
     if not args.no_zero_shot and args.method_name == zero_shot:
@@ -630,8 +630,8 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from ..data import load_task_folders
     from .bench import Benchmark, run_shot_sweep
-    from .data import load_task_folders
 
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     spec = bench_spec(args, len(folders))

@@ -50,13 +50,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from .baselines import build_method
-from .classifier import CLIPTaskClassifier, TaskSpec
-from .config import MmAPConfig
-from .data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
-from .files import atomic_write_json, atomic_write_text
-from .options import PERF_INFER_BATCHES, TINY_ARCH
-from .options import PERF_METHODS as TRAIN_METHODS
+from ..baselines import build_method
+from ..classifier import CLIPTaskClassifier, TaskSpec
+from ..config import MmAPConfig
+from ..data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
+from ..files import atomic_write_json, atomic_write_text
+from ..options import PERF_INFER_BATCHES, TINY_ARCH
+from ..options import PERF_METHODS as TRAIN_METHODS
 from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
@@ -79,7 +79,7 @@ _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def perf_clip_config(arch: str) -> CLIPConfig:
-    """`peft_mmap.params.clip_config`, plus ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
+    """`peft_mmap.apps.params.clip_config`, plus ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
     if arch != TINY_ARCH:
         config = clip_config(arch)
     else:
@@ -421,7 +421,7 @@ def run_benchmark(
     """Measure every quantity of the module docstring in one run; returns the JSON-ready result.
 
     Args:
-        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.params.ARCHS`) or ``tiny``.
+        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.apps.params.ARCHS`) or ``tiny``.
         device: where to run.
         batch: images per training step.
         rounds / warmup: timed and untimed round-robin rounds of every measurement.
@@ -668,11 +668,3 @@ def run_perf(args: argparse.Namespace) -> dict:
         atomic_write_text(args.output / "profile.md", bench.profile_serving())
     print(report)
     return result
-
-
-if __name__ == "__main__":  # ``python -m peft_mmap.perf``: the same as ``peft-mmap perf``
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["perf", *sys.argv[1:]]))

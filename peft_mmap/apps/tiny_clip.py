@@ -28,13 +28,13 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
-from peft_mmap.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 
 __all__ = ["TINY_CLIP_PATH", "load_tiny_clip", "pretrain_tiny_clip"]
 
-TINY_CLIP_PATH: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip"
+TINY_CLIP_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip"
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TEXT_LEN = 32
