@@ -13,6 +13,7 @@ pooling (CLS for vision, EOS for text) and every shape outside the encoder are C
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,14 +26,13 @@ from .config import MmAPConfig
 Tower = Literal["text", "vision"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouteSlot:
-    """One prompt slot of a mixed-task batch (`MmAPModel.adapter_routes`).
+    """One prompt slot of a mixed-task batch (`MmAPModel.adapter_routes`), passed to each layer's forward.
 
     Attributes:
         names: the distinct adapters that fill this slot, in order of first use.
-        index: ``(B,)`` long tensor, ``names[index[i]]`` is batch row ``i``'s adapter (moved to the
-            activations' device on first use and kept there).
+        index: ``(B,)`` long tensor on the adapters' device, ``names[index[i]]`` is batch row ``i``'s adapter.
         length: the slot's prompt length (equal for every adapter in it).
     """
 
@@ -49,14 +49,11 @@ class MmAPSharedState:
         source: the tuner's ``ParameterDict`` of source prompts, one ``(depth, m, n)`` tensor per adapter.
         prompt_lengths: ``b`` per adapter.
         depths: number of prompted layers per adapter.
-        routes: when set, the prompt slots of a mixed-task batch (per-sample adapters, see `RouteSlot`)
-            that replace the active adapters for the vision tower.
     """
 
     source: nn.ParameterDict
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     depths: dict[str, int] = field(default_factory=dict)
-    routes: list[RouteSlot] | None = None
 
 
 def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -184,7 +181,6 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         self.hidden_size = hidden_size
         # A plain reference: registering it as a submodule would save the source prompts once per layer.
         object.__setattr__(self, "_shared", shared)
-        self._disable_adapters = False
         self.merged_adapters = []
         # (names, dtype, stacked) -> (parameter state, parameters, prompts); see `_prompts`.
         self._constant_prompts: dict[tuple, tuple[list, list[nn.Parameter], torch.Tensor]] = {}
@@ -257,9 +253,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             return prompts[0].to(dtype)[None]
         return (torch.stack(prompts) if stack else torch.cat(prompts)[None]).to(dtype)
 
-    def _active_slots(self, like: torch.Tensor) -> list[PromptSlot]:
-        """Slots of the active adapters: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
-        names = tuple(self.active_adapters)
+    def _active_slots(self, names: tuple[str, ...], like: torch.Tensor) -> list[PromptSlot]:
+        """Slots of adapters ``names``: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
         lengths = self._shared.prompt_lengths
         if self.mmap_scale.keys() >= set(names):  # every active adapter is prompted at this layer
             return [(self._prompts(names, like.dtype, stack=False), sum(map(lengths.__getitem__, names)))]
@@ -284,23 +279,32 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
                 continue
             prompts = self._prompts(tuple(route.names), like.dtype, stack=True)
             if len(route.names) > 1:
-                if route.index.device != prompts.device:
-                    route.index = route.index.to(prompts.device)
                 prompts = prompts[route.index]
             slots.append((prompts, route.length))
         return slots
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str] | None = None,
+        routes: list[RouteSlot] | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout."""
-        routes = self._shared.routes if self.tower == "vision" else None
+        """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout.
+
+        The adapters of this call: ``routes`` (per-sample slots, see `RouteSlot`), else ``adapter_names`` (in
+        slot order), else the active adapters. `MmAPModel.use_adapters` and `MmAPModel.adapter_routes`
+        pass the first two to every layer through forward pre-hooks, as PEFT passes LoRA's ``adapter_names``.
+        """
         if self.disable_adapters:
             slots = []
         elif routes is not None:
             slots = self._routed_slots(routes, hidden_states)
         else:
-            slots = self._active_slots(hidden_states)
+            names = self.active_adapters if adapter_names is None else adapter_names
+            slots = self._active_slots(tuple(names), hidden_states)
         return forward_with_prompt_slots(
             self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
         )

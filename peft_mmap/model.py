@@ -236,17 +236,36 @@ class MmAPModel(BaseTuner):
             raise ValueError(f"Adapter names must not repeat, got {names}.")
         return names
 
-    def activate(self, adapter_names: Sequence[str]) -> None:
-        """Choose the adapters of the next forward passes, leaving trainability as it is.
+    def use_adapters(self, adapter_names: Sequence[str]) -> contextlib.AbstractContextManager[None]:
+        """Within the block, forward passes use ``adapter_names`` (prompts in that order), whatever is active.
 
-        `set_adapter` also makes the chosen adapters (and only them) trainable, as in every PEFT method. A
-        multi-task training step that visits several tasks needs all of them to stay trainable while the
-        active set changes from task to task; this is what `activate` does.
+        The choice travels with each layer call (a forward pre-hook passes ``adapter_names=`` to every
+        `MmAPLayer`, as PEFT passes LoRA's per-call ``adapter_names``); trainability and the active adapters
+        are left as they are, so a multi-task step can visit several tasks with all adapters trainable.
         """
-        names = self._check_known(adapter_names)
-        for layer in self._layers():
-            layer._active_adapter = names
-        self.active_adapter = names
+        return self._layer_kwargs(self._layers(), adapter_names=tuple(self._check_known(adapter_names)))
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """``peft_model(..., adapter_names=[...])``: PEFT's per-call adapter choice, see `use_adapters`."""
+        adapter_names = kwargs.get("adapter_names")
+        with contextlib.nullcontext() if adapter_names is None else self.use_adapters(adapter_names):
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _layer_kwargs(layers: Sequence[MmAPLayer], **extra: object) -> Iterator[None]:
+        """Within the block, every call of ``layers`` gets the keyword arguments ``extra``."""
+
+        def add_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, **extra}
+
+        handles = [layer.register_forward_pre_hook(add_kwargs, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their prompts are concatenated in the given order).
@@ -315,13 +334,13 @@ class MmAPModel(BaseTuner):
                 source.detach().to(dtype), requires_grad=source.requires_grad
             )
 
-    @contextlib.contextmanager
-    def adapter_routes(self, routes: Sequence[Sequence[str]]) -> Iterator[None]:
+    def adapter_routes(self, routes: Sequence[Sequence[str]]) -> contextlib.AbstractContextManager[None]:
         """Within the block, vision prompts are chosen per sample: ``routes[i]`` lists sample ``i``'s adapters.
 
         All routes must have the same number of adapters, and adapters in the same position must share
         prompt length and depth (e.g. ``[[group_of(task_i), task_i] for each sample]``). The text tower keeps
-        using the active adapters.
+        using the adapters of the call (`use_adapters`, else the active ones). The slots (`RouteSlot`) are
+        passed to every vision layer's forward, like `use_adapters`.
         """
         routes = [list(route) for route in routes]
         if not routes or not routes[0]:
@@ -341,18 +360,15 @@ class MmAPModel(BaseTuner):
                     raise ValueError(
                         f"Adapters {first!r} and {name!r} share slot {slot} but differ in prompt length or depth."
                     )
+        device = self.mmap_source[routes[0][0]].device
         slots = []
         for slot, first in enumerate(routes[0]):
             names = list(dict.fromkeys(route[slot] for route in routes))
             position = {name: i for i, name in enumerate(names)}
-            index = torch.tensor([position[route[slot]] for route in routes])
+            index = torch.tensor([position[route[slot]] for route in routes], device=device)
             slots.append(RouteSlot(names, index, lengths[first]))
-        previous = self._mmap_shared.routes
-        self._mmap_shared.routes = slots
-        try:
-            yield
-        finally:
-            self._mmap_shared.routes = previous
+        vision = [layer for layer in self._layers() if layer.tower == "vision"]
+        return self._layer_kwargs(vision, routes=slots)
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod

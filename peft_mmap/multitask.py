@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -108,7 +109,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             peft_model.add_adapter(name, dataclasses.replace(self.config))
         super().__init__(peft_model, tokenizer, specs)
         self.adapter_names = names
-        self.peft_model.base_model.set_adapter(names)  # all adapters trainable; activate() picks per task
+        self.peft_model.base_model.set_adapter(names)  # all adapters trainable; for_task() picks per call
         self._adapters_of = {task: self._adapters_for(task) for task in specs}
 
     @property
@@ -134,9 +135,9 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         self.check_task(task)
         return list(self._adapters_of[task])
 
-    def activate(self, task: str) -> None:
-        """Select ``task``'s adapters for the next forward passes (trainability is left as it is)."""
-        self.peft_model.base_model.activate(self._adapters_of[task])
+    def for_task(self, task: str) -> contextlib.AbstractContextManager[None]:
+        """Within the block, forward passes use ``task``'s adapters (trainability is left as it is)."""
+        return self.peft_model.base_model.use_adapters(self._adapters_of[task])
 
     def _activation_key(self, task: str) -> object:
         return tuple(self._adapters_of[task])

@@ -8,8 +8,12 @@ apps. A module may import from its own layer or a lower one, never from a higher
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from pathlib import Path
 
+import peft.peft_model
+import peft.tuners.tuners_utils
 from test_cli import run_python
 
 import peft_mmap
@@ -151,3 +155,38 @@ def test_import_peft_mmap_loads_no_app_and_the_multitask_api_loads_no_training_m
     assert [m for m in on_import if layer_of(m) != METHOD] == []
     assert [m for m in with_api if layer_of(m) > MULTITASK] == []
     assert "peft_mmap.multitask" in with_api
+
+
+def peft_private_attributes() -> set[str]:
+    """Private attribute names PEFT's tuner and model classes define or assign (``_active_adapter``, ...)."""
+    names = set()
+    for module in (peft.tuners.tuners_utils, peft.peft_model):
+        source = inspect.getsource(module)
+        names |= set(re.findall(r"self\.(_[a-z]\w*)\s*(?::[^=\n]*)?=(?!=)", source))
+    for cls in (peft.tuners.tuners_utils.BaseTuner, peft.tuners.tuners_utils.BaseTunerLayer):
+        names |= {name for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
+    names -= {
+        name for name in names if callable(getattr(peft.tuners.tuners_utils.BaseTunerLayer, name, None))
+    }
+    return names
+
+
+def test_no_module_writes_a_peft_private_attribute():
+    private = peft_private_attributes()
+    assert "_active_adapter" in private and "_disable_adapters" in private
+    writes = []
+    for name, path in package_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                targets = [t.attr for t in targets if isinstance(t, ast.Attribute)]
+            elif (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func).endswith("setattr")
+                and len(node.args) > 1
+            ):
+                attr = node.args[1]
+                targets = [attr.value] if isinstance(attr, ast.Constant) else []
+            writes += [f"{name}:{node.lineno} writes {t}" for t in targets if t in private]
+    assert not writes, writes

@@ -211,6 +211,27 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
         pass
 
 
+def test_adapters_chosen_per_call_equal_set_adapter_and_change_no_state(clip, batch):
+    model = _two_adapters(clip)
+    model.add_adapter("b", CFG)
+    _randomise(model)
+    model.base_model.set_adapter(["group0", "art"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with model.base_model.use_adapters(["group0", "b"]):
+        per_call = model(**batch)
+    via_peft = model(**batch, adapter_names=["group0", "b"])  # PeftModel.forward's per-call argument
+    assert model.active_adapters == ["group0", "art"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    active = model(**batch)
+    model.base_model.set_adapter(["group0", "b"])
+    expected = model(**batch)
+    torch.testing.assert_close(per_call.logits_per_image, expected.logits_per_image)
+    torch.testing.assert_close(via_peft.logits_per_image, expected.logits_per_image)
+    assert not torch.allclose(active.logits_per_image, expected.logits_per_image)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        model.base_model.use_adapters(["nope"])
+
+
 SAVED_FOR = "was saved for a CLIP model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
 OTHER_BASES = {
     "fewer-layers": (

@@ -56,6 +56,18 @@ def test_logits_equal_a_hand_built_clip_classifier(model, tokenizer):
     torch.testing.assert_close(logits, out.logits_per_image, atol=1e-5, rtol=1e-5)
 
 
+def test_a_forward_call_chooses_the_adapters_once(model, monkeypatch):
+    entered = []
+    for_task = model.for_task
+    monkeypatch.setattr(model, "for_task", lambda task: entered.append(task) or for_task(task))
+    pixels = torch.randn(2, 3, 16, 16)
+    model.clear_cache()
+    logits = model(pixels, "art")
+    assert entered == ["art"]
+    model.peft_model.base_model.set_adapter(["group1", "product"])  # the active adapters do not matter
+    torch.testing.assert_close(model(pixels, "art"), logits)
+
+
 def test_text_features_are_cached_and_invalidated_by_updates(model):
     first = model.text_features("art")
     assert model.text_features("art") is first

@@ -56,8 +56,7 @@ def make_mmap(tokenizer, attn_implementation: str = "sdpa") -> MultiTaskMmAP:
 
 
 def uncached_text_features(model: MultiTaskMmAP, task: str) -> torch.Tensor:
-    model.activate(task)
-    with torch.no_grad():
+    with model.for_task(task), torch.no_grad():
         return torch.nn.functional.normalize(model.encode_text(task), dim=-1)
 
 
@@ -166,8 +165,7 @@ def test_mmap_text_features_do_not_depend_on_padding(tokenizer, attn_implementat
         longest = model.task_tokens(name)
         padded = tokenizer(spec.prompts, padding="max_length", max_length=20, return_tensors="pt")
         assert padded["input_ids"].shape[1] > longest["input_ids"].shape[1]
-        model.activate(name)
-        with torch.no_grad():
+        with model.for_task(name), torch.no_grad():
             short = model.clip_model.get_text_features(**longest).pooler_output
             long = model.clip_model.get_text_features(**padded).pooler_output
         torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)

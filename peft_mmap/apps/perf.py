@@ -356,7 +356,6 @@ class _Bench:
     def measure_text(self, rounds: int, warmup: int) -> dict:
         """MmAP text features forward + backward for one task: longest-prompt padding vs 77 positions."""
         model = self.build("mmap").train()
-        model.activate(self.task)
         max_length = self.config.text_config.max_position_embeddings
         padded = self.tokenizer(
             list(self.tasks[0].prompts), padding="max_length", max_length=max_length, return_tensors="pt"
@@ -375,7 +374,10 @@ class _Bench:
 
             return call
 
-        times = interleaved_seconds({k: step(v) for k, v in token_sets.items()}, rounds, warmup, self.device)
+        with model.for_task(self.task):
+            times = interleaved_seconds(
+                {k: step(v) for k, v in token_sets.items()}, rounds, warmup, self.device
+            )
         return {"seconds": times, "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1])}
 
     def profile_serving(self, calls: int = 8, rows: int = 15) -> str:

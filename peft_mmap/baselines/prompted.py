@@ -10,7 +10,8 @@ MaPLe prompts, ...). A task uses a list of units whose slots are placed in that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -96,9 +97,14 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         for tower, encoder in tower_encoders(clip).items():
             install_deep_prompts(encoder, lambda layer, tower=tower: self._slots(tower, layer))
 
-    def activate(self, task: str) -> None:
-        """Use ``task``'s units for the next forward passes."""
-        self._active = self.units_of[self.check_task(task).name]
+    @contextlib.contextmanager
+    def for_task(self, task: str) -> Iterator[None]:
+        """Within the block, the deep-prompt layers use ``task``'s units."""
+        previous, self._active = self._active, self.units_of[self.check_task(task).name]
+        try:
+            yield
+        finally:
+            self._active = previous
 
     def _slots(self, tower: Tower, layer: int) -> list[PromptSlot]:
         units = [self.units[name] for name in self._active]
