@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,16 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedToke
 from ._version import __version__
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, load_clip_processor
 from .config import MmAPConfig
-from .files import atomic_write, atomic_write_json, fsync_file, load_safetensors, make_temp_dir, read_json
-from .hub import save_model_card
+from .files import (
+    atomic_write,
+    atomic_write_json,
+    check_state_dict,
+    fsync_file,
+    load_safetensors,
+    make_temp_dir,
+    read_json,
+)
+from .hub import save_model_card, upload
 
 MANIFEST_NAME = "mmap_manifest.json"
 MANIFEST_FORMAT = "peft_mmap.multitask"
@@ -228,16 +235,14 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         self, repo_id: str, *, private: bool | None = None, token: str | None = None, api=None
     ) -> str:
         """Upload the whole set (adapters, manifest, model card) as one commit; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = api or HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message="Upload multi-task MmAP"
-            )
-        return str(getattr(info, "commit_url", info))
+        return upload(
+            self.save_pretrained,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message="Upload multi-task MmAP",
+            api=api,
+        )
 
     @classmethod
     def from_pretrained(
@@ -289,29 +294,19 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             name: load_safetensors(folder / name / "adapter_model.safetensors", f"Adapter {name!r} weights")
             for name in self.adapter_names
         }
-        expected = {k: v.shape for k, v in self.peft_model.state_dict().items() if "mmap_" in k}
+        model_state = {k: v for k, v in self.peft_model.state_dict().items() if "mmap_" in k}
         for name, tensors in state.items():
-            for key, tensor in tensors.items():
-                model_key = _model_key(key, name)
-                if model_key not in expected:
-                    raise ValueError(
-                        f"Adapter {name!r} has weight {key!r} that this base model has no place for "
-                        f"(different number of layers or towers?)."
-                    )
-                if tuple(expected[model_key]) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"Adapter {name!r} weight {key!r} has shape {tuple(tensor.shape)}, but this base model "
-                        f"expects {tuple(expected[model_key])} (different hidden sizes or prompt config?)."
-                    )
+            expected = {
+                k.removesuffix(f".{name}"): v for k, v in model_state.items() if k.endswith(f".{name}")
+            }
+            check_state_dict(
+                expected,
+                tensors,
+                f"Adapter {name!r} does not fit this base model (different number of layers or towers, hidden "
+                "sizes or prompt config?)",
+            )
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 raise ValueError(f"Adapter {name!r} holds NaN or inf weights; refusing to load it.")
-            missing = sorted(
-                k for k in expected if k.endswith(f".{name}") and _checkpoint_key(k, name) not in tensors
-            )
-            if missing:
-                raise ValueError(
-                    f"Adapter {name!r} lacks weights for {missing[:3]} (and {max(0, len(missing) - 3)} more)."
-                )
         for name, tensors in state.items():
             set_peft_model_state_dict(self.peft_model, tensors, adapter_name=name)
         self.clear_cache()
@@ -319,14 +314,6 @@ class MultiTaskMmAP(CLIPTaskClassifier):
     def processor(self) -> CLIPProcessor:
         """A ``CLIPProcessor`` for the base model (image preprocessing identical to the checkpoint's)."""
         return load_clip_processor(self.base_model_id)
-
-
-def _checkpoint_key(model_key: str, adapter_name: str) -> str:
-    return model_key.removesuffix(f".{adapter_name}")
-
-
-def _model_key(checkpoint_key: str, adapter_name: str) -> str:
-    return f"{checkpoint_key}.{adapter_name}"
 
 
 def manifest_task_specs(manifest: dict) -> list[TaskSpec]:

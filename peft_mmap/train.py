@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from .augment import crop_flip_params, random_resized_crop_flip
 from .classifier import CLIPTaskClassifier
-from .files import atomic_write, atomic_write_json, load_safetensors, read_json
+from .files import atomic_write, atomic_write_json, check_state_dict, load_safetensors, read_json
 from .train_config import OPTIMIZERS as OPTIMIZERS
 from .train_config import PRECISIONS as PRECISIONS
 from .train_config import SCHEDULERS as SCHEDULERS
@@ -413,12 +413,13 @@ def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "fp32":
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``precision`` (``"fp32"``: none, ``"bf16"``, ``"fp16"``: CUDA only) on ``device``."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if config.precision == "fp16" and device.type != "cuda":
+    if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision='fp16' needs a CUDA device, got {device}; use 'bf16' or 'fp32'.")
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -559,7 +560,7 @@ def _train(
     bar = tqdm(
         total=total, initial=min(global_step, total), disable=not (progress and ddp.is_main), desc="train"
     )
-    autocast = _autocast(config, device)
+    mixed_precision = autocast(config.precision, device)
     with _stop_requests() as stop_requested, _gradient_checkpointing(model, config.gradient_checkpointing):
         try:
             while epoch < config.epochs and global_step < total:
@@ -581,7 +582,7 @@ def _train(
                     lr = learning_rate(config, global_step, spe)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    with autocast:
+                    with mixed_precision:
                         losses = step_module(batches, denominator)
                     report = torch.cat(
                         [losses.detach().float(), losses.new_tensor([float(stop_requested())])]
@@ -706,8 +707,9 @@ def _restore(
             f"Cannot resume from {folder}: it was trained on tasks {payload['tasks']} with {payload['steps_per_epoch']} "
             f"steps per epoch, now {tasks} with {spe}."
         )
-    if sorted(weights) != sorted(params):
-        raise ValueError(f"Cannot resume from {folder}: its trainable parameters differ from the model's.")
+    check_state_dict(
+        params, weights, f"Cannot resume from {folder}: its trainable parameters differ from the model's"
+    )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])

@@ -344,6 +344,31 @@ def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_pa
     torch.testing.assert_close(model(**batch).logits_per_image, expected)
 
 
+@pytest.mark.parametrize("case", ["wider-text", "fewer-layers"])
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_the_model_is_touched(
+    tmp_path, batch, monkeypatch, case
+):
+    """Only the weights' shapes tell (a config saved without ``tower_sizes``): still nothing changes."""
+    target, _, shape_problem = OTHER_BASES[case]
+    get_peft_model(target(), CFG, adapter_name="other").save_pretrained(tmp_path)
+    _forget_tower_sizes(tmp_path / "other")
+    model = _two_adapters(make_clip())
+    _randomise(model)
+    model.base_model.set_requires_grad("art", False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers_changed = []
+    monkeypatch.setattr(MmAPLayer, "update_layer", lambda *args: layers_changed.append(args))
+    with pytest.raises(ValueError, match=f"'other' does not fit this base model .*({shape_problem})"):
+        model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert layers_changed == []
+    assert sorted(model.peft_config) == ["art", "group0"]
+    assert model.active_adapters == ["group0", "art"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
 # ---- PEFT conformance: the expectations PEFT's own tests check for LoRA --------------------------------
 METHODS = {
     "lora": lambda: LoraConfig(target_modules=["q_proj", "v_proj"], r=2),

@@ -57,6 +57,7 @@ from ..data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
 from ..files import atomic_write_json, atomic_write_text
 from ..options import PERF_INFER_BATCHES, TINY_ARCH
 from ..options import PERF_METHODS as TRAIN_METHODS
+from ..train import autocast
 from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
@@ -209,12 +210,6 @@ def saved_tensor_bytes(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
         yield total
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 class _Bench:
     """Builds the models of one run and measures them (one base CLIP, deep-copied per method)."""
 
@@ -249,7 +244,7 @@ class _Bench:
 
     def loss(self, model: CLIPTaskClassifier) -> torch.Tensor:
         """Cross-entropy of one training batch of the benchmark task."""
-        with _autocast(self.precision, self.device):
+        with autocast(self.precision, self.device):
             logits = model(self.pixels, self.task)
         return F.cross_entropy(logits.float(), self.labels)
 
@@ -307,7 +302,7 @@ class _Bench:
     def serving_models(self) -> dict[str, CLIPTaskClassifier]:
         """Eval-mode zero-shot CLIP and MmAP with the class text features of every task cached."""
         models = {"zeroshot": self.build("zeroshot").eval(), "mmap": self.build("mmap").eval()}
-        with torch.inference_mode(), _autocast(self.precision, self.device):
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for model in models.values():
                 for task in self.tasks:
                     model.text_features(task.name)
@@ -326,7 +321,7 @@ class _Bench:
 
         def infer(model: CLIPTaskClassifier, tasks: Iterator) -> Callable[[], torch.Tensor]:
             def call() -> torch.Tensor:
-                with torch.inference_mode(), _autocast(self.precision, self.device):
+                with torch.inference_mode(), autocast(self.precision, self.device):
                     return model(pixels, next(tasks))
 
             return call
@@ -368,7 +363,7 @@ class _Bench:
         def step(tokens: dict[str, torch.Tensor]) -> Callable[[], None]:
             def call() -> None:
                 model.zero_grad(set_to_none=True)
-                with _autocast(self.precision, self.device):
+                with autocast(self.precision, self.device):
                     features = model.clip_model.get_text_features(**tokens).pooler_output
                 F.normalize(features.float(), dim=-1).sum().backward()
 

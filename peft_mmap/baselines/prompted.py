@@ -19,9 +19,8 @@ from torch import nn
 from transformers import CLIPConfig, PreTrainedTokenizerBase
 
 from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
-from ..layer import Tower
 from ..multitask import check_groups, group_adapter_name
-from ..prompting import PromptSlot, install_deep_prompts, tower_encoders
+from ..prompting import PromptSlot, Tower, install_deep_prompts, tower_encoders
 from .persistence import TrainableStateMixin
 
 Layout = Literal["task", "shared", "grouped"]
@@ -109,15 +108,6 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
     def _slots(self, tower: Tower, layer: int) -> list[PromptSlot]:
         units = [self.units[name] for name in self._active]
         return [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
-
-
-def prompt_depth(depth: int | None, num_layers: int, default: int | None = None) -> int:
-    """Prompted layers: ``depth``, else ``default`` clipped to ``num_layers``, else every layer."""
-    if depth is None:
-        return num_layers if default is None else min(default, num_layers)
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_layers:
-        raise ValueError(f"depth must be an int in [1, {num_layers}] for this model, got {depth!r}.")
-    return depth
 
 
 def word_embeddings(clip: nn.Module, tokenizer: PreTrainedTokenizerBase, phrase: str) -> torch.Tensor:
