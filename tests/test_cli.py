@@ -13,7 +13,7 @@ from conftest import WORKSPACE_TASKS as TASKS
 
 from peft_mmap.apps.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
 from peft_mmap.data import few_shot_split, save_split, scan_image_folder
-from peft_mmap.multitask import MANIFEST_NAME
+from peft_mmap.manifest import MANIFEST_NAME
 from peft_mmap.train import TrainResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from conftest import make_clip
 
 from peft_mmap import MmAPConfig
 from peft_mmap.classifier import TaskSpec
-from peft_mmap.multitask import MANIFEST_NAME, RUN_ADAPTERS_DIR, MultiTaskMmAP
+from peft_mmap.manifest import MANIFEST_NAME, RUN_ADAPTERS_DIR
+from peft_mmap.multitask import MultiTaskMmAP
 
 TASKS = [
     TaskSpec("art", ["cat", "dog", "bird"]),

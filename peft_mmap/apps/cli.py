@@ -14,6 +14,7 @@ answer without importing torch, transformers or peft; each command imports what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ from ..options import (
     PROTOCOLS,
     TINY_ARCH,
 )
-from ..train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from ..train_config import TrainConfig
 from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -187,70 +188,43 @@ def add_num_groups_argument(parser: argparse.ArgumentParser | argparse._Argument
     )
 
 
+#: argparse types of numeric config fields, by annotation and metadata ``"range"``.
+RANGE_TYPES: dict[tuple[str, str], Callable[[str], object]] = {
+    ("int", "positive"): positive_int,
+    ("int", "non_negative"): non_negative_int,
+    ("float", "positive"): positive_float,
+    ("float", "non_negative"): non_negative_float,
+}
+
+
+def config_options(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are command-line options (those with ``"help"`` metadata)."""
+    return [f for f in dataclasses.fields(config_cls) if "help" in f.metadata]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_cls: type) -> None:
+    """One ``--field-name`` option per field of `config_options`, from its metadata and annotation.
+
+    ``bool`` fields are flags; ``"choices"`` fields take one of them; ``int``/``float`` fields (``X | None``
+    too) get the argparse type of their ``"range"``. The help is the metadata's ``"help"`` plus the default.
+    """
+    for f in config_options(config_cls):
+        kind = str(f.type).split("|")[0].strip()
+        option = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            parser.add_argument(option, action="store_true", help=f"{f.metadata['help']}.")
+            continue
+        kwargs: dict[str, object] = {"default": f.default}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["type"] = RANGE_TYPES[kind, f.metadata["range"]]
+        shown = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(option, help=f"{f.metadata['help']}{shown}.", **kwargs)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs}).")
-    opt.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d.batch_size,
-        help=f"images per task per step (default {d.batch_size}).",
-    )
-    opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"learning rate (default {d.lr}).")
-    opt.add_argument(
-        "--momentum",
-        type=non_negative_float,
-        default=d.momentum,
-        help=f"SGD momentum (default {d.momentum}).",
-    )
-    opt.add_argument(
-        "--weight-decay",
-        type=non_negative_float,
-        default=d.weight_decay,
-        help=f"weight decay (default {d.weight_decay}).",
-    )
-    opt.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"optimizer (default {d.optimizer})."
-    )
-    opt.add_argument(
-        "--scheduler", choices=SCHEDULERS, default=d.scheduler, help=f"LR schedule (default {d.scheduler})."
-    )
-    opt.add_argument(
-        "--warmup-epochs",
-        type=non_negative_int,
-        default=d.warmup_epochs,
-        help=f"constant warm-up epochs (default {d.warmup_epochs}).",
-    )
-    opt.add_argument(
-        "--warmup-lr",
-        type=positive_float,
-        default=d.warmup_lr,
-        help=f"warm-up learning rate (default {d.warmup_lr}).",
-    )
-    opt.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help=f"fp32, bf16 or fp16 (CUDA) autocast (default {d.precision}).",
-    )
-    opt.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute encoder layers to save memory."
-    )
-    opt.add_argument(
-        "--num-workers",
-        type=non_negative_int,
-        default=d.num_workers,
-        help=f"DataLoader workers per task (default {d.num_workers}).",
-    )
-    opt.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick runs).")
-    opt.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value.")
-    opt.add_argument(
-        "--log-every",
-        type=positive_int,
-        default=d.log_every,
-        help=f"log losses every N steps with -v (default {d.log_every}).",
-    )
+    add_config_arguments(parser.add_argument_group("optimisation"), TrainConfig)
     mmap = parser.add_argument_group("MmAP")
     mmap.add_argument(
         "--prompt-length",
@@ -270,13 +244,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, optimizer=args.optimizer, scheduler=args.scheduler,
-        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=getattr(args, "seed", 0), num_workers=args.num_workers,
-        log_every=args.log_every, max_steps=args.max_steps, grad_clip=args.grad_clip,
-    )  # fmt: skip
+    """The `TrainConfig` of the parsed options (`add_train_arguments`; ``--seed`` where the command has it)."""
+    options = {f.name: getattr(args, f.name) for f in config_options(TrainConfig)}
+    return TrainConfig(**options, seed=getattr(args, "seed", 0))
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
@@ -454,8 +424,10 @@ def add_train_subcommand_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from ..multitask import RUN_ADAPTERS_DIR, MultiTaskMmAP, check_groups
-    from ..train import find_checkpoint, train
+    from ..checkpoint import find_checkpoint
+    from ..manifest import RUN_ADAPTERS_DIR, check_groups
+    from ..multitask import MultiTaskMmAP
+    from ..train import train
 
     config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
@@ -522,7 +494,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from ..baselines import build_method
     from ..evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
-    from ..multitask import MultiTaskMmAP, manifest_task_specs, read_manifest, resolve_adapter_folder
+    from ..manifest import manifest_task_specs, read_manifest, resolve_adapter_folder
+    from ..multitask import MultiTaskMmAP
 
     zero_shot = "zeroshot"
     if not args.no_zero_shot and args.method_name == zero_shot:

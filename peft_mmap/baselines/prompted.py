@@ -19,7 +19,7 @@ from torch import nn
 from transformers import CLIPConfig, PreTrainedTokenizerBase
 
 from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
-from ..multitask import check_groups, group_adapter_name
+from ..manifest import check_groups, group_adapter_name
 from ..prompting import PromptSlot, Tower, install_deep_prompts, tower_encoders
 from .persistence import TrainableStateMixin
 
