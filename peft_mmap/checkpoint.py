@@ -236,7 +236,7 @@ def restore_checkpoint(
             f"steps per epoch, now {tasks} with {spe}."
         )
     check_state_dict(
-        params, weights, f"Cannot resume from {folder}: its trainable parameters differ from the model's"
+        params, weights, f"Cannot resume from {folder}: its trainable parameters differ from the model's:"
     )
     with torch.no_grad():
         for name, p in params.items():

@@ -181,21 +181,24 @@ def check_state_dict(
 ) -> None:
     """Refuse ``found`` unless it has exactly the names and shapes of ``expected`` (tensors or shapes).
 
-    Raises a ``ValueError`` starting with ``what`` and naming up to four problems: ``unexpected weight``,
-    ``missing weight`` and ``shape mismatch`` (checkpoint vs model), so the caller can refuse a checkpoint
-    before it changes anything.
+    The one strict check of every loader, run before anything is copied. Raises a ``ValueError`` that starts
+    with ``what`` (a subject such as ``"Adapter 'art'"``, or a clause ending in a colon) and names up to four
+    problems: ``unexpected weight``, ``missing weight`` and ``weight ... has shape ..., but this base model
+    expects ...`` (a shape mismatch).
     """
 
     def shape(value: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
         return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
-    problems = [f"unexpected weight {k} {shape(v)}" for k, v in found.items() if k not in expected]
-    problems += [f"missing weight {k} {shape(v)}" for k, v in expected.items() if k not in found]
-    problems += [
-        f"{k}: shape mismatch, checkpoint {shape(found[k])} vs model {shape(v)}"
-        for k, v in expected.items()
-        if k in found and shape(found[k]) != shape(v)
-    ]
+    problems = [f"unexpected weight {k!r} {shape(v)}" for k, v in found.items() if k not in expected]
+    problems += [f"missing weight {k!r} {shape(v)}" for k, v in expected.items() if k not in found]
+    for k, v in expected.items():
+        if k in found and shape(found[k]) != shape(v):
+            got, want = shape(found[k]), shape(v)
+            problems.append(
+                f"weight {k!r} has shape {got}, but this base model expects {want} "
+                f"(shape mismatch: checkpoint {got} vs model {want})"
+            )
     if problems:
         more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
-        raise ValueError(f"{what}: {'; '.join(problems[:4])}{more}.")
+        raise ValueError(f"{what} {'; '.join(problems[:4])}{more}.")

@@ -123,7 +123,7 @@ def misfit(adapter_name: str) -> str:
     """The start of the error refusing adapter weights that do not fit the model (see `check_state_dict`)."""
     return (
         f"MmAP adapter {adapter_name!r} does not fit this base model (other hidden sizes, number of layers "
-        "or towers?)"
+        "or towers?):"
     )
 
 

@@ -247,12 +247,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             expected = {
                 k.removesuffix(f".{name}"): v for k, v in model_state.items() if k.endswith(f".{name}")
             }
-            check_state_dict(
-                expected,
-                tensors,
-                f"Adapter {name!r} does not fit this base model (different number of layers or towers, hidden "
-                "sizes or prompt config?)",
-            )
+            check_state_dict(expected, tensors, f"Adapter {name!r}")
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 raise ValueError(f"Adapter {name!r} holds NaN or inf weights; refusing to load it.")
         for name, tensors in state.items():

@@ -347,7 +347,7 @@ def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_pa
 @pytest.mark.parametrize(
     ("case", "shape_problem"),
     [
-        ("wider-text", r"shape mismatch, checkpoint \(2, 8\) vs model \(2, 4\)"),
+        ("wider-text", r"has shape \(2, 8\), but this base model expects \(2, 4\)"),
         ("fewer-layers", "missing weight"),
     ],
 )

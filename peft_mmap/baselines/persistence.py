@@ -37,7 +37,7 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
     check_state_dict(
         expected,
         tensors,
-        f"{path} does not match this model's trainable parameters (different method, tasks, CLIP or options?)",
+        f"{path} does not match this model's trainable parameters (different method, tasks, CLIP or options?):",
     )
     with torch.no_grad():
         for name, tensor in tensors.items():
