@@ -33,7 +33,7 @@ if [ "$DEVICE" = cuda ]; then
     python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >"$OUT/gpu.txt" || true
 fi
-PYTHONUNBUFFERED=1 timeout "$LIMIT_S" python -m peft_mmap.perf --arch "$ARCH" --device "$DEVICE" \
+PYTHONUNBUFFERED=1 timeout "$LIMIT_S" python -m peft_mmap.apps.cli perf --arch "$ARCH" --device "$DEVICE" \
     --precision "$PRECISION" --batch "$BATCH" --infer-batches "$INFER_BATCHES" --rounds "$ROUNDS" \
     --warmup "$WARMUP" --methods "$METHODS" --peak-tflops "$PEAK_TFLOPS" --profile --output "$OUT"
 echo "results: $OUT/perf.json"

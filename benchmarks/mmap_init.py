@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor
 
+from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, DEMO_SHOTS, cache_dir, demo_spec
+from peft_mmap.apps.synthetic import generate_benchmark
+from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.baselines import METHODS, build_method
 from peft_mmap.classifier import TaskSpec
 from peft_mmap.data import ImageClassificationDataset, few_shot_split, scan_image_folder
-from peft_mmap.demo import DEMO_IMAGES_PER_CLASS, DEMO_SHOTS, cache_dir, demo_spec
 from peft_mmap.evaluate import AVERAGE, evaluate
-from peft_mmap.synthetic import generate_benchmark
-from peft_mmap.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.train import train
 
 

@@ -2,7 +2,7 @@
 # The paper's Office-Home protocol on a real checkpoint and real images (needs network access to the Hub
 # for the checkpoint, or a local folder in MODEL).
 #   DATA=/data/OfficeHome examples/officehome.sh            # <DATA>/{Art,Clipart,Product,Real World}/<Class>/*.jpg
-# Multi-GPU: prefix the train step with `torchrun --nproc_per_node N -m peft_mmap.cli` instead of `peft-mmap`.
+# Multi-GPU: prefix the train step with `torchrun --nproc_per_node N -m peft_mmap.apps.cli` instead of `peft-mmap`.
 set -euo pipefail
 MODEL=${MODEL:-openai/clip-vit-base-patch16}
 DATA=${DATA:?set DATA to the Office-Home root}

@@ -15,8 +15,7 @@ import types
 from typing import TYPE_CHECKING
 
 from ._autoregister import register_with_peft
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -27,15 +26,15 @@ _EXPORTS = {
     "save_model_card": "hub",
     "MmAPLayer": "layer",
     "MmAPModel": "model",
-    "MMAP_PEFT_TYPE": "registration",
+    "MMAP_PEFT_TYPE": "peft_type",
     "AffinityResult": "affinity",
     "save_affinity": "affinity",
     "task_affinity": "affinity",
     "METHODS": "baselines",
     "build_method": "baselines",
-    "Benchmark": "bench",
-    "BenchmarkSpec": "bench",
-    "run_shot_sweep": "bench",
+    "Benchmark": "apps.bench",
+    "BenchmarkSpec": "apps.bench",
+    "run_shot_sweep": "apps.bench",
     "CLIPTaskClassifier": "classifier",
     "TaskSpec": "classifier",
     "ImageClassificationDataset": "data",
@@ -48,7 +47,7 @@ _EXPORTS = {
     "office_home": "data",
     "save_split": "data",
     "scan_image_folder": "data",
-    "run_demo": "demo",
+    "run_demo": "apps.demo",
     "evaluate": "evaluate",
     "results_table_markdown": "evaluate",
     "summarize": "evaluate",
@@ -56,11 +55,11 @@ _EXPORTS = {
     "group_tasks": "grouping",
     "grouping_score": "grouping",
     "MultiTaskMmAP": "multitask",
-    "SYNTHETIC_CLASSES": "synthetic",
-    "SYNTHETIC_DOMAINS": "synthetic",
-    "generate_benchmark": "synthetic",
-    "TINY_CLIP_PATH": "tiny_clip",
-    "load_tiny_clip": "tiny_clip",
+    "SYNTHETIC_CLASSES": "apps.synthetic",
+    "SYNTHETIC_DOMAINS": "apps.synthetic",
+    "generate_benchmark": "apps.synthetic",
+    "TINY_CLIP_PATH": "apps.tiny_clip",
+    "load_tiny_clip": "apps.tiny_clip",
     "NonFiniteLossError": "train",
     "TrainConfig": "train_config",
     "TrainResult": "train",
@@ -152,8 +151,11 @@ register_with_peft()
 
 if TYPE_CHECKING:
     from .affinity import AffinityResult, save_affinity, task_affinity
+    from .apps.bench import Benchmark, BenchmarkSpec, run_shot_sweep
+    from .apps.demo import run_demo
+    from .apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark
+    from .apps.tiny_clip import TINY_CLIP_PATH, load_tiny_clip
     from .baselines import METHODS, build_method
-    from .bench import Benchmark, BenchmarkSpec, run_shot_sweep
     from .classifier import CLIPTaskClassifier, TaskSpec
     from .config import MmAPConfig
     from .data import (
@@ -168,15 +170,12 @@ if TYPE_CHECKING:
         save_split,
         scan_image_folder,
     )
-    from .demo import run_demo
     from .evaluate import evaluate, results_table_markdown, summarize, write_results_json
     from .grouping import group_tasks, grouping_score
     from .hub import adapter_parameter_counts, model_card, push_to_hub, save_model_card
     from .layer import MmAPLayer
     from .model import MmAPModel
     from .multitask import MultiTaskMmAP
-    from .registration import MMAP_PEFT_TYPE
-    from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark
-    from .tiny_clip import TINY_CLIP_PATH, load_tiny_clip
+    from .peft_type import MMAP_PEFT_TYPE
     from .train import NonFiniteLossError, TrainResult, train
     from .train_config import TrainConfig

@@ -8,6 +8,7 @@ trainer, evaluation and benchmark code only use the interface defined here.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import re
@@ -143,15 +144,19 @@ class CLIPTaskClassifier(nn.Module):
         """The underlying ``CLIPModel`` (whose towers may be wrapped by adapters)."""
         return self.clip
 
-    def activate(self, task: str) -> None:
-        """Prepare the model for ``task`` (e.g. select its adapters). Default: nothing to do."""
+    def for_task(self, task: str) -> contextlib.AbstractContextManager[None]:
+        """Within the block, the towers encode for ``task`` (e.g. with its adapters). Default: nothing to do.
+
+        Entered once per encoding call (`text_features`, `forward`): the choice lives only as long as the call.
+        """
+        return contextlib.nullcontext()
 
     def encode_text(self, task: str) -> torch.Tensor:
-        """Unnormalised class text features of ``task``: ``(C, D)``. ``activate(task)`` was called."""
+        """Unnormalised class text features of ``task``: ``(C, D)``, called within ``for_task(task)``."""
         return self.clip_model.get_text_features(**self.task_tokens(task)).pooler_output
 
     def encode_images(self, pixel_values: torch.Tensor, task: str) -> torch.Tensor:
-        """Unnormalised image features ``(B, D)`` for images ``(B, 3, H, W)`` of ``task``."""
+        """Unnormalised image features ``(B, D)`` for images ``(B, 3, H, W)`` of ``task``, within ``for_task(task)``."""
         return self.clip_model.get_image_features(pixel_values=pixel_values).pooler_output
 
     def encode_images_mixed(self, pixel_values: torch.Tensor, tasks: list[str]) -> torch.Tensor:
@@ -159,8 +164,8 @@ class CLIPTaskClassifier(nn.Module):
         features: torch.Tensor | None = None
         for task in dict.fromkeys(tasks):
             rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=pixel_values.device)
-            self.activate(task)
-            part = self.encode_images(pixel_values[rows], task)
+            with self.for_task(task):
+                part = self.encode_images(pixel_values[rows], task)
             if features is None:
                 features = part.new_empty(len(tasks), part.shape[-1])
             features = features.index_copy(0, rows, part)
@@ -203,13 +208,17 @@ class CLIPTaskClassifier(nn.Module):
 
     def text_features(self, task: str) -> torch.Tensor:
         """L2-normalised class text features of ``task``: ``(C, D)``; cached in eval mode."""
+        with self.for_task(task):
+            return self._text_features(task)
+
+    def _text_features(self, task: str) -> torch.Tensor:
+        """`text_features`, called within ``for_task(task)``."""
         use_cache = not (self.training and torch.is_grad_enabled())
         if use_cache:
             key = self._cache_key(task)
             cached = self._text_cache.get(task)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        self.activate(task)
         features = F.normalize(self.encode_text(task), dim=-1)
         if use_cache:
             self._text_cache[task] = (key, features.detach())
@@ -235,9 +244,9 @@ class CLIPTaskClassifier(nn.Module):
             spec = self.check_task(task)
             if pixel_values.shape[0] == 0:
                 return pixel_values.new_zeros(0, len(spec.classnames))
-            text = self.text_features(task)
-            self.activate(task)
-            images = F.normalize(self.encode_images(pixel_values, task), dim=-1)
+            with self.for_task(task):
+                text = self._text_features(task)
+                images = F.normalize(self.encode_images(pixel_values, task), dim=-1)
             return scale * images @ text.t()
         tasks = list(task)
         if len(tasks) != pixel_values.shape[0]:

@@ -12,7 +12,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .files import check_safetensors, new_file_mode
 from .options import DEFAULT_PROMPT_LENGTH, DEFAULT_SOURCE_SHAPE
-from .registration import MMAP_PEFT_TYPE
+from .peft_type import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
 #: single-tower models (``[text_model.|vision_model.]encoder.layers.N``).
@@ -165,12 +165,14 @@ class MmAPConfig(PeftConfig):
     ) -> MmAPConfig:
         """Load ``adapter_config.json`` (PEFT's loader); in a local folder, also validate the weights file.
 
-        ``PeftModel.from_pretrained`` and ``load_adapter`` call this before PEFT reads
+        ``PeftModel.from_pretrained`` and ``load_adapter`` call this before PEFT injects the adapter and reads
         ``adapter_model.safetensors``; checking the file's header here turns a truncated or corrupted file into
-        a ``ValueError`` that names it, instead of safetensors' bare "Error while deserializing header".
+        a ``ValueError`` that names it, instead of safetensors' bare "Error while deserializing header". The
+        weights' shapes are kept on the returned object (``checkpoint_shapes``, not a saved field), so that
+        `MmAPModel.inject_adapter` refuses a checkpoint that does not fit the model before changing it.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
         if weights.is_file():
-            check_safetensors(weights, "MmAP adapter weights file")
+            config.checkpoint_shapes = check_safetensors(weights, "MmAP adapter weights file")
         return config

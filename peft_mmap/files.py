@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,16 +159,46 @@ def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dic
     return _read_safetensors(path, what, load_file)
 
 
-def check_safetensors(path: str | os.PathLike, what: str = "weights file") -> list[str]:
-    """Validate a safetensors file's header and layout without reading the tensors; returns its keys.
+def check_safetensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, tuple[int, ...]]:
+    """Validate a safetensors file's header and layout without reading the tensors; returns its shapes.
 
     Raises the same errors as `load_safetensors` (naming the file) for a missing, truncated or corrupted file.
     """
 
-    def keys(p: Path) -> list[str]:
+    def shapes(p: Path) -> dict[str, tuple[int, ...]]:
         from safetensors import safe_open
 
         with safe_open(p, framework="pt") as handle:
-            return list(handle.keys())
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
 
-    return _read_safetensors(path, what, keys)
+    return _read_safetensors(path, what, shapes)
+
+
+def check_state_dict(
+    expected: Mapping[str, Sequence[int] | torch.Tensor],
+    found: Mapping[str, Sequence[int] | torch.Tensor],
+    what: str,
+) -> None:
+    """Refuse ``found`` unless it has exactly the names and shapes of ``expected`` (tensors or shapes).
+
+    The one strict check of every loader, run before anything is copied. Raises a ``ValueError`` that starts
+    with ``what`` (a subject such as ``"Adapter 'art'"``, or a clause ending in a colon) and names up to four
+    problems: ``unexpected weight``, ``missing weight`` and ``weight ... has shape ..., but this base model
+    expects ...`` (a shape mismatch).
+    """
+
+    def shape(value: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+    problems = [f"unexpected weight {k!r} {shape(v)}" for k, v in found.items() if k not in expected]
+    problems += [f"missing weight {k!r} {shape(v)}" for k, v in expected.items() if k not in found]
+    for k, v in expected.items():
+        if k in found and shape(found[k]) != shape(v):
+            got, want = shape(found[k]), shape(v)
+            problems.append(
+                f"weight {k!r} has shape {got}, but this base model expects {want} "
+                f"(shape mismatch: checkpoint {got} vs model {want})"
+            )
+    if problems:
+        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ValueError(f"{what} {'; '.join(problems[:4])}{more}.")

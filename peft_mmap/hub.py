@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -85,10 +86,28 @@ def push_to_hub(
 
     Returns the URL of the commit. ``api`` defaults to ``HfApi(token=token)``.
     """
+
+    def write(folder: Path) -> None:
+        peft_model.save_pretrained(folder)
+        save_model_card(peft_model, folder)
+
+    return upload(write, repo_id, private=private, token=token, commit_message=commit_message, api=api)
+
+
+def upload(
+    write: Callable[[Path], object],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str,
+    api: HfApi | None = None,
+) -> str:
+    """The one Hub upload path: create ``repo_id`` if needed, let ``write`` fill a temporary folder and upload
+    it as one commit. Returns the URL of the commit; ``api`` defaults to ``HfApi(token=token)``."""
     api = api or HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp)
-        save_model_card(peft_model, tmp)
+        write(Path(tmp))
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

@@ -13,26 +13,25 @@ pooling (CLS for vision, EOS for text) and every shape outside the encoder are C
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MmAPConfig
+from .prompting import PromptSlot, Tower, forward_with_prompt_slots
 
-Tower = Literal["text", "vision"]
 
-
-@dataclass
+@dataclass(frozen=True)
 class RouteSlot:
-    """One prompt slot of a mixed-task batch (`MmAPModel.adapter_routes`).
+    """One prompt slot of a mixed-task batch (`MmAPModel.adapter_routes`), passed to each layer's forward.
 
     Attributes:
         names: the distinct adapters that fill this slot, in order of first use.
-        index: ``(B,)`` long tensor, ``names[index[i]]`` is batch row ``i``'s adapter (moved to the
-            activations' device on first use and kept there).
+        index: ``(B,)`` long tensor on the adapters' device, ``names[index[i]]`` is batch row ``i``'s adapter.
         length: the slot's prompt length (equal for every adapter in it).
     """
 
@@ -49,14 +48,11 @@ class MmAPSharedState:
         source: the tuner's ``ParameterDict`` of source prompts, one ``(depth, m, n)`` tensor per adapter.
         prompt_lengths: ``b`` per adapter.
         depths: number of prompted layers per adapter.
-        routes: when set, the prompt slots of a mixed-task batch (per-sample adapters, see `RouteSlot`)
-            that replace the active adapters for the vision tower.
     """
 
     source: nn.ParameterDict
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     depths: dict[str, int] = field(default_factory=dict)
-    routes: list[RouteSlot] | None = None
 
 
 def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -64,87 +60,9 @@ def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return torch.kron(scale, source)
 
 
-def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.Tensor | None:
-    """Insert ``num_prompts`` tokens after position 0 of a (causal) text attention mask.
-
-    The prompt tokens behave like tokens sitting between SOS and the first word: they attend to SOS and to
-    earlier prompts; every later token attends to them; they are never padding. Works for ``None``, 2-D
-    ``(B, L)`` padding masks and 4-D ``(B, 1, Lq, L)`` boolean or additive float masks (values for "allowed" and
-    "blocked" are read from the mask itself, so dtype and convention are kept).
-
-    Returns ``None`` or a mask of the same kind over ``L + num_prompts`` positions.
-    """
-    if mask is None or num_prompts == 0:
-        return mask
-    if mask.dim() == 2:  # (B, L) padding mask: prompts are real tokens.
-        ones = mask[:, :1].expand(-1, num_prompts)
-        return torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
-    if mask.dim() != 4:
-        raise ValueError(f"Unsupported attention mask of shape {tuple(mask.shape)}: expected 2-D or 4-D.")
-    # Columns: prompts are keys that every row after SOS may see, like token 1 in a causal mask.
-    prompt_cols = mask[..., 1:2].expand(*mask.shape[:-1], num_prompts)
-    mask = torch.cat([mask[..., :1], prompt_cols, mask[..., 1:]], dim=-1)
-    if mask.shape[-2] == 1:  # (B, 1, 1, L) key-only mask: no rows to add.
-        return mask
-    # Rows: a prompt query sees SOS and the prompts up to itself, nothing after.
-    sos_row = mask[..., :1, :]  # (B, 1, 1, L + T)
-    allowed, blocked = sos_row[..., :1], sos_row[..., -1:]
-    causal = torch.ones(num_prompts, num_prompts, dtype=torch.bool, device=mask.device).tril()
-    prompt_block = torch.where(causal, allowed, blocked)  # (B, 1, T, T)
-    prompt_rows = torch.cat(
-        [
-            sos_row[..., :1].expand(*sos_row.shape[:-2], num_prompts, 1),
-            prompt_block,
-            sos_row[..., 1 + num_prompts :].expand(*sos_row.shape[:-2], num_prompts, -1),
-        ],
-        dim=-1,
-    )
-    return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
-
-
 #: Adapter combinations whose constant prompts one layer keeps (mixed batches can create many); the oldest
 #: half is dropped when the limit is reached.
 MAX_CONSTANT_PROMPTS = 64
-
-#: One prompt slot at one layer: new tokens ``(n, d)``/``(1 or B, n, d)``, or ``None`` (keep the slot's
-#: current tokens: its owner is past its depth), and the slot length ``n``.
-PromptSlot = tuple[torch.Tensor | None, int]
-
-
-def forward_with_prompt_slots(
-    base_layer: nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    layer_index: int,
-    num_layers: int,
-    slots: list[PromptSlot],
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Run one CLIP encoder layer with deep prompt slots spliced in after position 0.
-
-    At layer 0 every slot's tokens are inserted after CLS/SOS; at a later layer each slot is replaced by
-    its new tokens (or flows through when they are ``None``); after the last layer all prompt tokens are
-    removed again. ``hidden_states``: ``(B, L, d)`` at layer 0, ``(B, L + T, d)`` after it, with ``T`` the
-    total slot length; returns the same layout (``(B, L, d)`` after the last layer).
-    """
-    if not slots:
-        return base_layer(hidden_states, attention_mask, **kwargs)
-    batch = hidden_states.shape[0]
-    total = sum(length for _, length in slots)
-    pieces, offset = [hidden_states[:, :1]], 1
-    for prompts, length in slots:
-        if prompts is None:
-            if layer_index == 0:
-                raise RuntimeError("A prompt slot has no tokens at the first layer.")
-            prompts = hidden_states[:, offset : offset + length]
-        pieces.append(prompts.to(hidden_states.dtype).expand(batch, -1, -1))
-        offset += length
-    rest = hidden_states[:, 1:] if layer_index == 0 else hidden_states[:, 1 + total :]
-    hidden_states = torch.cat([*pieces, rest], dim=1)
-    out = base_layer(hidden_states, expand_attention_mask(attention_mask, total), **kwargs)
-    if layer_index == num_layers - 1:
-        out = torch.cat([out[:, :1], out[:, 1 + total :]], dim=1)
-    return out
 
 
 class MmAPLayer(nn.Module, BaseTunerLayer):
@@ -184,7 +102,6 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         self.hidden_size = hidden_size
         # A plain reference: registering it as a submodule would save the source prompts once per layer.
         object.__setattr__(self, "_shared", shared)
-        self._disable_adapters = False
         self.merged_adapters = []
         # (names, dtype, stacked) -> (parameter state, parameters, prompts); see `_prompts`.
         self._constant_prompts: dict[tuple, tuple[list, list[nn.Parameter], torch.Tensor]] = {}
@@ -257,9 +174,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             return prompts[0].to(dtype)[None]
         return (torch.stack(prompts) if stack else torch.cat(prompts)[None]).to(dtype)
 
-    def _active_slots(self, like: torch.Tensor) -> list[PromptSlot]:
-        """Slots of the active adapters: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
-        names = tuple(self.active_adapters)
+    def _active_slots(self, names: tuple[str, ...], like: torch.Tensor) -> list[PromptSlot]:
+        """Slots of adapters ``names``: one ``(1, T, d)`` block when all are prompted here, else per adapter."""
         lengths = self._shared.prompt_lengths
         if self.mmap_scale.keys() >= set(names):  # every active adapter is prompted at this layer
             return [(self._prompts(names, like.dtype, stack=False), sum(map(lengths.__getitem__, names)))]
@@ -284,23 +200,32 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
                 continue
             prompts = self._prompts(tuple(route.names), like.dtype, stack=True)
             if len(route.names) > 1:
-                if route.index.device != prompts.device:
-                    route.index = route.index.to(prompts.device)
                 prompts = prompts[route.index]
             slots.append((prompts, route.length))
         return slots
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str] | None = None,
+        routes: list[RouteSlot] | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout."""
-        routes = self._shared.routes if self.tower == "vision" else None
+        """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout.
+
+        The adapters of this call: ``routes`` (per-sample slots, see `RouteSlot`), else ``adapter_names`` (in
+        slot order), else the active adapters. `MmAPModel.use_adapters` and `MmAPModel.adapter_routes`
+        pass the first two to every layer through forward pre-hooks, as PEFT passes LoRA's ``adapter_names``.
+        """
         if self.disable_adapters:
             slots = []
         elif routes is not None:
             slots = self._routed_slots(routes, hidden_states)
         else:
-            slots = self._active_slots(hidden_states)
+            names = self.active_adapters if adapter_names is None else adapter_names
+            slots = self._active_slots(tuple(names), hidden_states)
         return forward_with_prompt_slots(
             self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
         )

@@ -14,8 +14,9 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPVisionModel
 
 from .config import CLIP_ENCODER_LAYERS, TOWERS, MmAPConfig
-from .files import check_safe_name
-from .layer import MmAPLayer, MmAPSharedState, RouteSlot, Tower
+from .files import check_safe_name, check_state_dict
+from .layer import MmAPLayer, MmAPSharedState, RouteSlot
+from .prompting import Tower, prompt_depth
 
 _RESERVED_NAMES = {"base_layer", "model", "mmap_source", "mmap_scale", "base_model"}
 
@@ -85,13 +86,45 @@ def resolve_depth(config: MmAPConfig, towers: dict[str, TowerInfo]) -> int:
                 f"MmAPConfig.source_shape n={n} must divide the {info.tower} hidden size {info.hidden_size} "
                 f"(model: {sizes})."
             )
-    shared_layers = min(t.num_layers for t in towers.values())
-    depth = shared_layers if config.depth is None else config.depth
-    if depth > shared_layers:
-        raise ValueError(
-            f"MmAPConfig.depth={depth} exceeds the {shared_layers} layers the towers share (model: {sizes})."
-        )
-    return depth
+    layers = min(t.num_layers for t in towers.values())
+    return prompt_depth(
+        config.depth, layers, label="MmAPConfig.depth", scope=f"the towers share (model: {sizes})"
+    )
+
+
+def find_layer(key: str, towers: dict[str, TowerInfo]) -> tuple[TowerInfo, int] | None:
+    """The tower and index of the CLIP encoder layer at module path ``key`` (``None`` if it is none)."""
+    owner, sep, index = key.rpartition("encoder.layers.")
+    info = towers.get(owner.removesuffix("."))
+    if not sep or info is None or not index.isdigit():
+        return None
+    return info, int(index)
+
+
+def checkpoint_shapes(
+    model: nn.Module, config: MmAPConfig, towers: dict[str, TowerInfo], depth: int
+) -> dict[str, tuple[int, ...]]:
+    """The weights PEFT saves for one MmAP adapter on ``model`` (the base CLIP), as keys of
+    ``adapter_model.safetensors``: source prompts ``(depth, m, n)`` and each prompted layer's scaling matrix
+    ``(b/m, d/n)``."""
+    m, n = config.source_shape
+    shapes = {"base_model.mmap_source": (depth, m, n)}
+    for key, _ in model.named_modules():
+        layer = find_layer(key, towers) if check_target_module_exists(config, key) else None
+        if layer is not None and layer[1] < depth:
+            shapes[f"base_model.model.{key}.mmap_scale"] = (
+                config.prompt_length // m,
+                layer[0].hidden_size // n,
+            )
+    return shapes
+
+
+def misfit(adapter_name: str) -> str:
+    """The start of the error refusing adapter weights that do not fit the model (see `check_state_dict`)."""
+    return (
+        f"MmAP adapter {adapter_name!r} does not fit this base model (other hidden sizes, number of layers "
+        "or towers?):"
+    )
 
 
 class MmAPModel(BaseTuner):
@@ -129,8 +162,9 @@ class MmAPModel(BaseTuner):
     ) -> None:
         """Validate name, config and recorded sizes, create the source prompts, then wrap/update the layers.
 
-        Every check runs before the model is changed. A config without ``tower_sizes`` is copied and the
-        copy records this model's sizes (the caller's object is left as it was, so it can be reused).
+        Every check runs before the model is changed, including, for a config read by
+        `MmAPConfig.from_pretrained` from a local folder, the shapes of the weights about to be loaded. A
+        config without ``tower_sizes`` is copied and the copy records this model's sizes (the caller's object is left as it was, so it can be reused).
         Parameters are created in the base model's dtype (PEFT's ``_cast_adapter_dtype`` then upcasts them
         unless ``autocast_adapter_dtype=False``). The trainability of the other adapters is left as it was;
         the new adapter is trainable iff it is active and its config is not in inference mode (as in PEFT).
@@ -141,6 +175,11 @@ class MmAPModel(BaseTuner):
         sizes = tower_sizes(towers)
         check_tower_sizes(config, sizes, adapter_name)
         depth = resolve_depth(config, towers)
+        saved_shapes = vars(config).pop("checkpoint_shapes", None)
+        if saved_shapes is not None:
+            check_state_dict(
+                checkpoint_shapes(model, config, towers, depth), saved_shapes, misfit(adapter_name)
+            )
         if config.tower_sizes is None:
             config = copy.copy(config)
             config.tower_sizes = sizes
@@ -189,17 +228,14 @@ class MmAPModel(BaseTuner):
         if isinstance(target, MmAPLayer):
             target.update_layer(adapter_name, peft_config, depth)
             return
-        owner, sep, index = current_key.rpartition("encoder.layers.")
-        towers = find_towers(self.model)
-        info = towers.get(owner.removesuffix("."))
-        if not sep or info is None or not index.isdigit():
+        found = find_layer(current_key, find_towers(self.model))
+        if found is None:
             raise ValueError(
                 f"MmAP can only wrap CLIP encoder layers ('<tower>.encoder.layers.N'); target_modules matched "
                 f"{current_key!r} ({type(target).__name__})."
             )
-        layer = MmAPLayer(
-            target, info.tower, int(index), info.num_layers, info.hidden_size, self._mmap_shared
-        )
+        info, index = found
+        layer = MmAPLayer(target, info.tower, index, info.num_layers, info.hidden_size, self._mmap_shared)
         layer.update_layer(adapter_name, peft_config, depth)
         self._replace_module(parent, target_name, layer, target)
         self._mmap_layers = []
@@ -236,17 +272,36 @@ class MmAPModel(BaseTuner):
             raise ValueError(f"Adapter names must not repeat, got {names}.")
         return names
 
-    def activate(self, adapter_names: Sequence[str]) -> None:
-        """Choose the adapters of the next forward passes, leaving trainability as it is.
+    def use_adapters(self, adapter_names: Sequence[str]) -> contextlib.AbstractContextManager[None]:
+        """Within the block, forward passes use ``adapter_names`` (prompts in that order), whatever is active.
 
-        `set_adapter` also makes the chosen adapters (and only them) trainable, as in every PEFT method. A
-        multi-task training step that visits several tasks needs all of them to stay trainable while the
-        active set changes from task to task; this is what `activate` does.
+        The choice travels with each layer call (a forward pre-hook passes ``adapter_names=`` to every
+        `MmAPLayer`, as PEFT passes LoRA's per-call ``adapter_names``); trainability and the active adapters
+        are left as they are, so a multi-task step can visit several tasks with all adapters trainable.
         """
-        names = self._check_known(adapter_names)
-        for layer in self._layers():
-            layer._active_adapter = names
-        self.active_adapter = names
+        return self._layer_kwargs(self._layers(), adapter_names=tuple(self._check_known(adapter_names)))
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """``peft_model(..., adapter_names=[...])``: PEFT's per-call adapter choice, see `use_adapters`."""
+        adapter_names = kwargs.get("adapter_names")
+        with contextlib.nullcontext() if adapter_names is None else self.use_adapters(adapter_names):
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _layer_kwargs(layers: Sequence[MmAPLayer], **extra: object) -> Iterator[None]:
+        """Within the block, every call of ``layers`` gets the keyword arguments ``extra``."""
+
+        def add_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, **extra}
+
+        handles = [layer.register_forward_pre_hook(add_kwargs, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their prompts are concatenated in the given order).
@@ -315,13 +370,13 @@ class MmAPModel(BaseTuner):
                 source.detach().to(dtype), requires_grad=source.requires_grad
             )
 
-    @contextlib.contextmanager
-    def adapter_routes(self, routes: Sequence[Sequence[str]]) -> Iterator[None]:
+    def adapter_routes(self, routes: Sequence[Sequence[str]]) -> contextlib.AbstractContextManager[None]:
         """Within the block, vision prompts are chosen per sample: ``routes[i]`` lists sample ``i``'s adapters.
 
         All routes must have the same number of adapters, and adapters in the same position must share
         prompt length and depth (e.g. ``[[group_of(task_i), task_i] for each sample]``). The text tower keeps
-        using the active adapters.
+        using the adapters of the call (`use_adapters`, else the active ones). The slots (`RouteSlot`) are
+        passed to every vision layer's forward, like `use_adapters`.
         """
         routes = [list(route) for route in routes]
         if not routes or not routes[0]:
@@ -341,18 +396,15 @@ class MmAPModel(BaseTuner):
                     raise ValueError(
                         f"Adapters {first!r} and {name!r} share slot {slot} but differ in prompt length or depth."
                     )
+        device = self.mmap_source[routes[0][0]].device
         slots = []
         for slot, first in enumerate(routes[0]):
             names = list(dict.fromkeys(route[slot] for route in routes))
             position = {name: i for i, name in enumerate(names)}
-            index = torch.tensor([position[route[slot]] for route in routes])
+            index = torch.tensor([position[route[slot]] for route in routes], device=device)
             slots.append(RouteSlot(names, index, lengths[first]))
-        previous = self._mmap_shared.routes
-        self._mmap_shared.routes = slots
-        try:
-            yield
-        finally:
-            self._mmap_shared.routes = previous
+        vision = [layer for layer in self._layers() if layer.tower == "vision"]
+        return self._layer_kwargs(vision, routes=slots)
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
@@ -362,8 +414,10 @@ class MmAPModel(BaseTuner):
         """Map checkpoint keys to this model and refuse a checkpoint that does not fit it exactly.
 
         A checkpoint from a model with other hidden sizes, another number of layers or other towers raises
-        a ``ValueError`` naming expected and found shapes; the adapter that PEFT injected just before is
-        removed again (and the base model unwrapped if it was the only one), so nothing is half-loaded.
+        a ``ValueError`` naming expected and found shapes. A local checkpoint is refused before PEFT injects
+        the adapter (`inject_adapter`); one PEFT reads only after injecting (a hub download) is refused here,
+        and the adapter injected just before is removed again (and the base model unwrapped if it was the
+        only one), so nothing is half-loaded.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         suffix = f".{adapter_name}"
@@ -373,24 +427,15 @@ class MmAPModel(BaseTuner):
             if k.endswith(suffix) and ("mmap_source" in k or "mmap_scale" in k)
         }
         found = {k: tuple(v.shape) for k, v in remapped.items() if "mmap_source" in k or "mmap_scale" in k}
-        problems = [f"unexpected weight {k} {s}" for k, s in found.items() if k not in expected]
-        problems += [f"missing weight {k} {s}" for k, s in expected.items() if k not in found]
-        problems += [
-            f"{k}: checkpoint {found[k]} vs model {s}"
-            for k, s in expected.items()
-            if k in found and found[k] != s
-        ]
-        if problems:
+        try:
+            check_state_dict(expected, found, misfit(adapter_name))
+        except ValueError:
             tuner = getattr(model, "base_model", model)
             if isinstance(tuner, MmAPModel) and adapter_name in tuner.peft_config:
                 tuner.delete_adapter(adapter_name)
                 if not tuner.peft_config:
                     tuner.unload()
-            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-            raise ValueError(
-                f"MmAP adapter {adapter_name!r} does not fit this base model (other hidden sizes, number of "
-                f"layers or towers?): {shown}."
-            )
+            raise
         return remapped
 
     # ---- merging and unloading -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ DEFAULT_SOURCE_SHAPE = (2, 8)
 
 DEFAULT_NUM_GROUPS = 2
 """Task groups found by gradient-based grouping when no number is given (``peft-mmap group`` and
-``bench``, `peft_mmap.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the
+``bench``, `peft_mmap.apps.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the
 best number": with the paper's criterion (the total within-group similarity) the best partition is a
 single group whenever every pairwise similarity is positive, which is the "all in one group" ablation of
 Table 3, not the method."""
@@ -32,7 +32,7 @@ ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
 }
 """Tower sizes of the OpenAI CLIP checkpoints: (text hidden, text heads, vision hidden, vision layers,
 vision heads, patch size, projection dim); text: 12 layers, 77 positions, 49408 tokens; images 224 px
-(`peft_mmap.params.clip_config`)."""
+(`peft_mmap.apps.params.clip_config`)."""
 
 TINY_ARCH = "tiny"
 """``peft-mmap perf --arch tiny``: 2 layers of width 64 per tower, 32 px images."""
@@ -41,7 +41,7 @@ PERF_PRECISIONS = ("fp32", "bf16")
 """Precisions ``peft-mmap perf`` measures."""
 
 PROTOCOLS = ("recipes", "paper")
-"""How the benchmark trains its methods (`peft_mmap.bench.BenchmarkSpec.protocol`): ``"recipes"`` gives each
+"""How the benchmark trains its methods (`peft_mmap.apps.bench.BenchmarkSpec.protocol`): ``"recipes"`` gives each
 method its own recipe (`peft_mmap.baselines.RECIPES`: its paper's learning rate, context init, warm-up,
 augmentation) on top of the shared settings; ``"paper"`` trains every method with the shared settings
 alone (the MmAP paper's single SGD recipe)."""

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -53,26 +52,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .augment import crop_flip_params, random_resized_crop_flip
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    find_checkpoint,
+    restore_checkpoint,
+    training_state,
+    write_checkpoint,
+)
 from .classifier import CLIPTaskClassifier
-from .files import atomic_write, atomic_write_json, load_safetensors, read_json
 from .train_config import OPTIMIZERS as OPTIMIZERS
 from .train_config import PRECISIONS as PRECISIONS
 from .train_config import SCHEDULERS as SCHEDULERS
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FORMAT = "peft_mmap.train_checkpoint"
-CHECKPOINT_VERSION = 1
-# Fields that may change between a run and its resumption without changing the trajectory.
-_RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "num_workers"})
 
 
 @dataclass
@@ -244,144 +242,8 @@ def _stop_requests() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _reproducibility(device: torch.device) -> dict[str, object]:
-    """What a bit-identical resume needs unchanged besides the checkpoint (see the module docstring)."""
-    return {"torch": torch.__version__, "device": device.type, "num_threads": torch.get_num_threads()}
-
-
-def _warn_if_not_reproducible(folder: Path, saved: object, device: torch.device) -> None:
-    if not isinstance(saved, dict):  # a checkpoint written before these were recorded
-        return
-    now = _reproducibility(device)
-    changed = [
-        f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value
-    ]
-    if changed:
-        logger.warning(
-            "Resuming from %s with another %s: training continues correctly, but not bit-identically to an "
-            "uninterrupted run (floating-point sums are split differently). Resume with the checkpoint's "
-            "settings (e.g. torch.set_num_threads) for an exact continuation.",
-            folder,
-            ", ".join(changed),
-        )
-
-
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """Python/numpy states as JSON, torch states as tensors."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    json_state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return json_state, tensors
-
-
-def _set_rng_state(json_state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = json_state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json_state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [
-        tensors[k]
-        for k in sorted(
-            (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
-        )
-    ]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _optimizer_state(
-    optimizer: torch.optim.Optimizer, names: list[str]
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Optimizer state flattened: tensors as ``optimizer.<param>.<key>``, everything else as JSON."""
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{names[index]}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(names[index], {})[key] = _jsonable(value)
-    groups = [{k: _jsonable(v) for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    return {"param_names": names, "param_groups": groups, "scalars": scalars}, tensors
-
-
-def _load_optimizer_state(
-    optimizer: torch.optim.Optimizer, names: list[str], saved: dict, tensors: dict[str, torch.Tensor]
-) -> None:
-    if saved["param_names"] != names:
-        raise ValueError("The checkpoint's trainable parameters differ from the model's; cannot resume.")
-    index = {name: i for i, name in enumerate(names)}
-    state: dict[int, dict] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("optimizer."):
-            name, entry = key.removeprefix("optimizer.").rsplit(".", 1)
-            state.setdefault(index[name], {})[entry] = tensor
-    for name, entries in saved["scalars"].items():
-        state.setdefault(index[name], {}).update(entries)
-    (group,) = saved["param_groups"]
-    optimizer.load_state_dict(
-        {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
-    )
-
-
-def _write_checkpoint(
-    directory: Path, params: dict[str, nn.Parameter], payload: dict, tensors: dict[str, torch.Tensor]
-) -> Path:
-    """Write into ``checkpoint.new/`` and swap it in for ``checkpoint/`` (the old one is kept until then)."""
-    final = directory / CHECKPOINT_DIR
-    staging = directory / f"{CHECKPOINT_DIR}.new"
-    previous = directory / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(staging, ignore_errors=True)
-    weights = {name: p.detach().cpu().contiguous() for name, p in params.items()}
-    atomic_write(staging / "trainable.safetensors", lambda tmp: save_file(weights, str(tmp)))
-    atomic_write(staging / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(staging / "trainer_state.json", payload)
-    if final.exists():  # keep .old while it is the only complete checkpoint left
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(final, previous)
-    os.replace(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The resumable checkpoint folder in ``output_dir`` (``checkpoint/``, or ``checkpoint.old/`` if a swap was cut short)."""
-    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
-        folder = Path(output_dir) / name
-        if (folder / "trainer_state.json").is_file():
-            return folder
-    return None
-
-
-def _read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    payload = read_json(folder / "trainer_state.json", "trainer state")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{folder} is not a {CHECKPOINT_FORMAT} checkpoint.")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{folder}: checkpoint version {payload.get('version')!r}, expected {CHECKPOINT_VERSION}."
-        )
-    trainable = load_safetensors(folder / "trainable.safetensors", "checkpoint weights")
-    return payload, trainable, load_safetensors(folder / "state.safetensors", "checkpoint state")
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------
@@ -413,12 +275,13 @@ def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "fp32":
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``precision`` (``"fp32"``: none, ``"bf16"``, ``"fp16"``: CUDA only) on ``device``."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if config.precision == "fp16" and device.type != "cuda":
+    if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision='fp16' needs a CUDA device, got {device}; use 'bf16' or 'fp32'.")
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -478,144 +341,232 @@ def train(
     started = time.monotonic()
     ddp = _setup_distributed()
     try:
-        return _train(model, datasets, config, output_dir, resume, device, progress, callback, ddp, started)
+        run = _Run.start(model, datasets, config, output_dir, resume, device, ddp)
+        run.run_epochs(progress, callback)
+        return TrainResult(
+            run.global_step, run.epoch, run.history, run.last_checkpoint, time.monotonic() - started
+        )
     finally:
         if ddp.created_group:
             dist.destroy_process_group()
 
 
-def _train(
-    model, datasets, config, output_dir, resume, device, progress, callback, ddp, started
-) -> TrainResult:
-    sizes = _check_datasets(model, datasets, ddp, config.batch_size)
-    tasks = list(datasets)
-    out = Path(output_dir) if output_dir is not None else None
-    checkpoint = find_checkpoint(out) if out is not None else None
-    if checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"{out} already holds a training checkpoint; pass resume=True or use a new output_dir."
+@dataclass
+class _Run:
+    """One call of `train`: what it was given, what `start` set up, and the position it has reached.
+
+    The steps of a run: `start` (check the inputs, place the model, build the optimizer, restore a
+    checkpoint), then `run_epochs`, which for every step loads each task's batch (`batches`), takes one
+    optimizer step (`step`) and writes a checkpoint (`save`) at the end of every epoch, on a stop request
+    and when ``max_steps`` ends the run mid-epoch.
+    """
+
+    model: CLIPTaskClassifier
+    datasets: Mapping[str, Dataset]
+    config: TrainConfig
+    ddp: _Dist
+    out: Path | None
+    device: torch.device
+    sizes: dict[str, int]
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    spe: int  # steps per epoch
+    step_module: nn.Module  # `_TaskLosses`, wrapped by DDP under torchrun
+    epoch: int = 0
+    start_step: int = 0  # first step of ``epoch`` still to run
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.datasets)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.epochs * self.spe
+        return total if self.config.max_steps is None else min(self.config.max_steps, total)
+
+    @classmethod
+    def start(
+        cls,
+        model: CLIPTaskClassifier,
+        datasets: Mapping[str, Dataset],
+        config: TrainConfig,
+        output_dir: str | os.PathLike | None,
+        resume: bool,
+        device: str | torch.device | None,
+        ddp: _Dist,
+    ) -> _Run:
+        """Check the inputs, move the model to ``device``, seed, build the optimizer, restore a checkpoint."""
+        sizes = _check_datasets(model, datasets, ddp, config.batch_size)
+        out = Path(output_dir) if output_dir is not None else None
+        checkpoint = find_checkpoint(out) if out is not None else None
+        if checkpoint is not None and not resume:
+            raise FileExistsError(
+                f"{out} already holds a training checkpoint; pass resume=True or use a new output_dir."
+            )
+        if resume and checkpoint is None:
+            logger.warning("resume=True but no checkpoint in %s: starting from scratch.", out)
+
+        device = torch.device(device) if device is not None else _default_device(ddp, model)
+        model.to(device)
+        model.train()
+        seed_everything(config.seed)
+        params = _trainable(model)
+        optimizer = _make_optimizer(list(params.values()), config)
+        scaler = (
+            torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
         )
-    if resume and checkpoint is None:
-        logger.warning("resume=True but no checkpoint in %s: starting from scratch.", out)
+        spe = steps_per_epoch(sizes, config.batch_size)
+        position = (0, 0, 0)
+        if checkpoint is not None:
+            position = restore_checkpoint(
+                checkpoint, config, list(datasets), spe, params, optimizer, scaler, device
+            )
+            logger.info(
+                "Resuming from %s at epoch %d, step %d.", checkpoint, position[0] + 1, position[1] + 1
+            )
 
-    device = torch.device(device) if device is not None else _default_device(ddp, model)
-    model.to(device)
-    model.train()
-    seed_everything(config.seed)
-    params = _trainable(model)
-    names = list(params)
-    optimizer = _make_optimizer(list(params.values()), config)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
-    spe = steps_per_epoch(sizes, config.batch_size)
-    epoch, start_step, global_step = 0, 0, 0
+        step_module: nn.Module = _TaskLosses(model)
+        if ddp.enabled:
+            step_module = nn.parallel.DistributedDataParallel(
+                step_module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        epoch, start_step, global_step = position
+        last = checkpoint if checkpoint is not None and checkpoint.name == CHECKPOINT_DIR else None
+        return cls(
+            model, datasets, config, ddp, out, device, sizes, params, optimizer, scaler, spe, step_module,
+            epoch, start_step, global_step, last_checkpoint=last,
+        )  # fmt: skip
 
-    if checkpoint is not None:
-        epoch, start_step, global_step = _restore(
-            checkpoint, config, tasks, spe, params, optimizer, scaler, device
-        )
-        logger.info("Resuming from %s at epoch %d, step %d.", checkpoint, epoch + 1, start_step + 1)
-
-    step_module: nn.Module = _TaskLosses(model)
-    if ddp.enabled:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-    denominator = config.batch_size / ddp.world_size
-    total = config.epochs * spe if config.max_steps is None else min(config.max_steps, config.epochs * spe)
-    history: list[dict[str, float]] = []
-    last_checkpoint = checkpoint if checkpoint is not None and checkpoint.name == CHECKPOINT_DIR else None
-
-    def save(epoch_: int, step_: int) -> None:
-        nonlocal last_checkpoint
-        if out is None or not ddp.is_main:
+    def save(self, epoch: int, step: int) -> None:
+        """Write the checkpoint of position ``(epoch, step)`` (rank 0, with an ``output_dir`` only)."""
+        if self.out is None or not self.ddp.is_main:
             return
-        bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+        bad = [name for name, p in self.params.items() if not torch.isfinite(p).all()]
         if bad:
             raise FloatingPointError(
                 f"Parameters {bad[:3]} hold NaN/inf; refusing to overwrite the last good checkpoint."
             )
-        opt_json, tensors = _optimizer_state(optimizer, names)
-        rng_json, rng_tensors = _rng_state()
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": epoch_,
-            "step_in_epoch": step_,
-            "global_step": global_step,
-            "steps_per_epoch": spe,
-            "tasks": tasks,
-            "world_size": ddp.world_size,
-            "config": config.to_dict(),
-            "optimizer": opt_json,
-            "scheduler": {"name": config.scheduler, "global_step": global_step},
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_json,
-            "reproducibility": _reproducibility(device),
-        }
-        last_checkpoint = _write_checkpoint(out, params, payload, {**tensors, **rng_tensors})
+        payload, tensors = training_state(
+            (epoch, step, self.global_step),
+            self.spe,
+            self.tasks,
+            self.ddp.world_size,
+            self.config,
+            self.optimizer,
+            list(self.params),
+            self.scaler,
+            self.device,
+        )
+        self.last_checkpoint = write_checkpoint(self.out, self.params, payload, tensors)
 
-    bar = tqdm(
-        total=total, initial=min(global_step, total), disable=not (progress and ddp.is_main), desc="train"
-    )
-    autocast = _autocast(config, device)
-    with _stop_requests() as stop_requested, _gradient_checkpointing(model, config.gradient_checkpointing):
-        try:
-            while epoch < config.epochs and global_step < total:
-                loaders = {
-                    task: iter(
-                        _epoch_loader(datasets[task], sizes[task], config, epoch, index, start_step, spe, ddp)
-                    )
-                    for index, task in enumerate(tasks)
-                }
-                for step in range(start_step, spe):
-                    if global_step >= total:
-                        break
-                    batches = {
-                        task: tuple(t.to(device, non_blocking=True) for t in next(loaders[task]))
-                        for task in tasks
+    def batches(
+        self, loaders: dict[str, Iterator], step: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every task's next batch on the device (augmented if the config says so)."""
+        batches = {
+            task: tuple(t.to(self.device, non_blocking=True) for t in next(loader))
+            for task, loader in loaders.items()
+        }
+        if self.config.augment:
+            batches = _augmented(batches, self.config, self.epoch, step, self.ddp)
+        return batches
+
+    def step(
+        self,
+        batches: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        step: int,
+        mixed_precision: contextlib.AbstractContextManager,
+        stop_requested: Callable[[], bool],
+    ) -> tuple[dict[str, float], float, bool]:
+        """One optimizer step on the sum of the task losses; returns the task losses, the learning rate and
+        whether any rank had a stop request when the losses were all-reduced (meaningful under DDP only)."""
+        lr = learning_rate(self.config, self.global_step, self.spe)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with mixed_precision:
+            losses = self.step_module(batches, self.config.batch_size / self.ddp.world_size)
+        report = torch.cat([losses.detach().float(), losses.new_tensor([float(stop_requested())])])
+        if self.ddp.enabled:
+            dist.all_reduce(report)
+            report[:-1] /= self.ddp.world_size
+        values = report.tolist()
+        task_losses = dict(zip(self.tasks, values[:-1], strict=True))
+        for task, value in task_losses.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(task, value, self.epoch, step, self.global_step)
+        _optimizer_step(losses.sum(), self.optimizer, self.scaler, self.params, self.config.grad_clip)
+        self.global_step += 1
+        self.history.append(task_losses)
+        return task_losses, lr, values[-1] > 0
+
+    def run_epochs(self, progress: bool, callback: Callable[[StepEvent], None] | None) -> None:
+        """Train until ``epochs`` or ``max_steps``; see `train` for the stop and error behaviour."""
+        config, total = self.config, self.total_steps
+        bar = tqdm(
+            total=total,
+            initial=min(self.global_step, total),
+            disable=not (progress and self.ddp.is_main),
+            desc="train",
+        )
+        mixed_precision = autocast(config.precision, self.device)
+        with (
+            _stop_requests() as stop_requested,
+            _gradient_checkpointing(self.model, config.gradient_checkpointing),
+        ):
+            try:
+                while self.epoch < config.epochs and self.global_step < total:
+                    loaders = {
+                        task: iter(
+                            _epoch_loader(
+                                self.datasets[task],
+                                self.sizes[task],
+                                config,
+                                self.epoch,
+                                index,
+                                self.start_step,
+                                self.spe,
+                                self.ddp,
+                            )
+                        )
+                        for index, task in enumerate(self.tasks)
                     }
-                    if config.augment:
-                        batches = _augmented(batches, config, epoch, step, ddp)
-                    lr = learning_rate(config, global_step, spe)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    with autocast:
-                        losses = step_module(batches, denominator)
-                    report = torch.cat(
-                        [losses.detach().float(), losses.new_tensor([float(stop_requested())])]
-                    )
-                    if ddp.enabled:
-                        dist.all_reduce(report)
-                        report[:-1] /= ddp.world_size
-                    values = report.tolist()
-                    task_losses = dict(zip(tasks, values[:-1], strict=True))
-                    for task, value in task_losses.items():
-                        if not math.isfinite(value):
-                            raise NonFiniteLossError(task, value, epoch, step, global_step)
-                    _optimizer_step(losses.sum(), optimizer, scaler, params, config.grad_clip)
-                    global_step += 1
-                    history.append(task_losses)
-                    bar.update(1)
-                    bar.set_postfix({t: f"{v:.3f}" for t, v in task_losses.items()}, refresh=False)
-                    if global_step % config.log_every == 0:
-                        logger.info("step %d lr %.3g losses %s", global_step, lr, task_losses)
-                    if callback is not None:
-                        callback(StepEvent(model, epoch, step, global_step, task_losses, lr, batches))
-                    # Under DDP all ranks must agree, so only the all-reduced flag counts.
-                    if values[-1] > 0 if ddp.enabled else stop_requested():
-                        save(epoch, step + 1)
-                        raise KeyboardInterrupt(f"Training stopped by a signal at global step {global_step}.")
-                else:
-                    epoch, start_step = epoch + 1, 0
-                    save(epoch, 0)
-                    continue
-                save(epoch, step)  # max_steps reached mid-epoch
-                break
-        finally:
-            bar.close()
-    return TrainResult(global_step, epoch, history, last_checkpoint, time.monotonic() - started)
+                    for step in range(self.start_step, self.spe):
+                        if self.global_step >= total:
+                            break
+                        batches = self.batches(loaders, step)
+                        task_losses, lr, stop_reported = self.step(
+                            batches, step, mixed_precision, stop_requested
+                        )
+                        bar.update(1)
+                        bar.set_postfix({t: f"{v:.3f}" for t, v in task_losses.items()}, refresh=False)
+                        if self.global_step % config.log_every == 0:
+                            logger.info("step %d lr %.3g losses %s", self.global_step, lr, task_losses)
+                        if callback is not None:
+                            callback(
+                                StepEvent(
+                                    self.model, self.epoch, step, self.global_step, task_losses, lr, batches
+                                )
+                            )
+                        # Under DDP all ranks must agree, so only the all-reduced flag counts.
+                        if stop_reported if self.ddp.enabled else stop_requested():
+                            self.save(self.epoch, step + 1)
+                            raise KeyboardInterrupt(
+                                f"Training stopped by a signal at global step {self.global_step}."
+                            )
+                    else:
+                        self.epoch, self.start_step = self.epoch + 1, 0
+                        self.save(self.epoch, 0)
+                        continue
+                    self.save(self.epoch, step)  # max_steps reached mid-epoch
+                    break
+            finally:
+                bar.close()
 
 
 def _augmented(
@@ -674,46 +625,3 @@ def _optimizer_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _restore(
-    folder: Path,
-    config: TrainConfig,
-    tasks: list[str],
-    spe: int,
-    params: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    device: torch.device,
-) -> tuple[int, int, int]:
-    """Load a checkpoint into the model/optimizer/RNGs; returns ``(epoch, step_in_epoch, global_step)``.
-
-    Logs a warning when ``device`` or this process's torch build or thread count differ from the run that
-    wrote the checkpoint (the continuation is then not bit-identical; see the module docstring).
-    """
-    payload, weights, tensors = _read_checkpoint(folder)
-    saved = payload["config"]
-    changed = sorted(
-        k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v
-    )
-    if changed:
-        raise ValueError(
-            f"Cannot resume from {folder}: TrainConfig fields {changed} differ from the checkpoint's "
-            f"({ {k: saved.get(k) for k in changed} })."
-        )
-    if payload["tasks"] != tasks or payload["steps_per_epoch"] != spe:
-        raise ValueError(
-            f"Cannot resume from {folder}: it was trained on tasks {payload['tasks']} with {payload['steps_per_epoch']} "
-            f"steps per epoch, now {tasks} with {spe}."
-        )
-    if sorted(weights) != sorted(params):
-        raise ValueError(f"Cannot resume from {folder}: its trainable parameters differ from the model's.")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    _load_optimizer_state(optimizer, list(params), payload["optimizer"], tensors)
-    if scaler is not None and payload["grad_scaler"] is not None:
-        scaler.load_state_dict(payload["grad_scaler"])
-    _set_rng_state(payload["rng"], tensors)
-    _warn_if_not_reproducible(folder, payload.get("reproducibility"), device)
-    return payload["epoch"], payload["step_in_epoch"], payload["global_step"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
@@ -36,24 +36,42 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value.
         augment: random resized crop and horizontal flip of every training batch (`peft_mmap.augment`),
             drawn from ``(seed, epoch, task, step)`` so runs stay reproducible and resumable.
+
+    A field's metadata ``"help"`` (with ``"range"``: ``"positive"``/``"non_negative"``, or ``"choices"``)
+    makes it a ``peft-mmap`` command-line option (`peft_mmap.apps.cli.add_config_arguments`); ``seed``
+    and ``augment`` have none (the data options and the benchmark recipes set them).
     """
 
-    epochs: int = 5
-    batch_size: int = 16
-    lr: float = 0.0035
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    scheduler: str = "cosine"
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    epochs: int = field(default=5, metadata={"help": "epochs", "range": "positive"})
+    batch_size: int = field(default=16, metadata={"help": "images per task per step", "range": "positive"})
+    lr: float = field(default=0.0035, metadata={"help": "learning rate", "range": "positive"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "range": "non_negative"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay", "range": "non_negative"})
+    optimizer: str = field(default="sgd", metadata={"help": "optimizer", "choices": OPTIMIZERS})
+    scheduler: str = field(default="cosine", metadata={"help": "LR schedule", "choices": SCHEDULERS})
+    warmup_epochs: int = field(
+        default=0, metadata={"help": "constant warm-up epochs", "range": "non_negative"}
+    )
+    warmup_lr: float = field(default=1e-5, metadata={"help": "warm-up learning rate", "range": "positive"})
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32, bf16 or fp16 (CUDA) autocast", "choices": PRECISIONS}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute encoder layers to save memory"}
+    )
     seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
-    max_steps: int | None = None
-    grad_clip: float | None = None
+    num_workers: int = field(
+        default=0, metadata={"help": "DataLoader workers per task", "range": "non_negative"}
+    )
+    log_every: int = field(
+        default=10, metadata={"help": "log losses every N steps with -v", "range": "positive"}
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many steps (quick runs)", "range": "positive"}
+    )
+    grad_clip: float | None = field(
+        default=None, metadata={"help": "clip the gradient norm to this value", "range": "positive"}
+    )
     augment: bool = False
 
     def __post_init__(self) -> None:

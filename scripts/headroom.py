@@ -12,12 +12,12 @@ import argparse
 
 import torch
 
+from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, cache_dir
+from peft_mmap.apps.probe import measure_headroom
+from peft_mmap.apps.synthetic import generate_benchmark
+from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.data import scan_image_folder
-from peft_mmap.demo import DEMO_IMAGES_PER_CLASS, cache_dir
 from peft_mmap.files import atomic_write_json
-from peft_mmap.probe import measure_headroom
-from peft_mmap.synthetic import generate_benchmark
-from peft_mmap.tiny_clip import TINY_CLIP_PATH
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from peft_mmap.tiny_clip import TINY_CLIP_PATH, pretrain_tiny_clip
+from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH, pretrain_tiny_clip
 
 
 def main() -> None:

@@ -172,8 +172,7 @@ def test_prompted_text_features_do_not_depend_on_padding(name, tokenizer):
             model.tasks[task].prompts, padding="max_length", max_length=20, return_tensors="pt"
         )
         assert padded["input_ids"].shape[1] > longest["input_ids"].shape[1]
-        model.activate(task)
-        with torch.no_grad():
+        with model.for_task(task), torch.no_grad():
             short = model.encode_text(task)
             long = model.clip_model.get_text_features(**padded).pooler_output
         torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import WORKSPACE_TASKS as TASKS
 
-from peft_mmap.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
+from peft_mmap.apps.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
 from peft_mmap.data import few_shot_split, save_split, scan_image_folder
-from peft_mmap.multitask import MANIFEST_NAME
+from peft_mmap.manifest import MANIFEST_NAME
 from peft_mmap.train import TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_help_imports_no_heavy_module_and_prints_nothing_on_stderr():
     """``--help`` of the CLI and of every command answers without importing torch, transformers or peft."""
     driver = (
         "import sys\n"
-        "from peft_mmap.cli import SUBCOMMANDS, main\n"
+        "from peft_mmap.apps.cli import SUBCOMMANDS, main\n"
         "for argv in [['--help'], *([c.name, '--help'] for c in SUBCOMMANDS)]:\n"
         "    try:\n"
         "        main(argv)\n"
@@ -176,7 +176,7 @@ def test_train_and_eval_print_no_warnings(workspace, tmp_path):
     train = f"train --model {workspace / 'model'} {data} --prompt-length 2 --source-shape 1 8 --epochs 1 " \
         f"--batch-size 2 --max-steps 1 --output {tmp_path / 'run'}"  # fmt: skip
     evaluation = f"eval {data} --adapters {tmp_path / 'run'}"
-    driver = f"from peft_mmap.cli import main\nmain({train.split()!r})\nmain({evaluation.split()!r})\n"
+    driver = f"from peft_mmap.apps.cli import main\nmain({train.split()!r})\nmain({evaluation.split()!r})\n"
     result = run_python("-c", driver)
     assert result.returncode == 0, result.stderr
     log = result.stderr.lower()  # progress bars only

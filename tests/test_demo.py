@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from peft_mmap.cli import main
-from peft_mmap.demo import QUICK_METHODS
+from peft_mmap.apps.cli import main
+from peft_mmap.apps.demo import QUICK_METHODS
 
 
 @pytest.mark.slow

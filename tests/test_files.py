@@ -13,12 +13,12 @@ from test_train import make_datasets, make_model
 
 from peft_mmap import MmAPConfig
 from peft_mmap.affinity import AffinityResult, save_affinity
+from peft_mmap.apps.bench import plot_shot_sweep
+from peft_mmap.apps.synthetic import generate_benchmark
 from peft_mmap.baselines import save_trainable
-from peft_mmap.bench import plot_shot_sweep
 from peft_mmap.evaluate import AVERAGE, write_results_json
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text, make_temp_dir, make_temp_file
 from peft_mmap.multitask import MultiTaskMmAP
-from peft_mmap.synthetic import generate_benchmark
 from peft_mmap.train import TrainConfig, train
 
 UMASKS = [0o022, 0o027, 0o077]

@@ -8,7 +8,7 @@ from conftest import LAYERS, make_clip
 from peft import get_peft_model
 
 from peft_mmap import MmAPConfig, MmAPLayer
-from peft_mmap.layer import expand_attention_mask
+from peft_mmap.prompting import expand_attention_mask
 
 
 def _mmap(clip, names=("group0", "art"), **cfg):

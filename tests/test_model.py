@@ -211,6 +211,27 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
         pass
 
 
+def test_adapters_chosen_per_call_equal_set_adapter_and_change_no_state(clip, batch):
+    model = _two_adapters(clip)
+    model.add_adapter("b", CFG)
+    _randomise(model)
+    model.base_model.set_adapter(["group0", "art"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with model.base_model.use_adapters(["group0", "b"]):
+        per_call = model(**batch)
+    via_peft = model(**batch, adapter_names=["group0", "b"])  # PeftModel.forward's per-call argument
+    assert model.active_adapters == ["group0", "art"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    active = model(**batch)
+    model.base_model.set_adapter(["group0", "b"])
+    expected = model(**batch)
+    torch.testing.assert_close(per_call.logits_per_image, expected.logits_per_image)
+    torch.testing.assert_close(via_peft.logits_per_image, expected.logits_per_image)
+    assert not torch.allclose(active.logits_per_image, expected.logits_per_image)
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        model.base_model.use_adapters(["nope"])
+
+
 SAVED_FOR = "was saved for a CLIP model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
 OTHER_BASES = {
     "fewer-layers": (
@@ -321,6 +342,37 @@ def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_pa
     assert sorted(model.peft_config) == ["art", "group0"]
     assert model.state_dict().keys() == state.keys()
     torch.testing.assert_close(model(**batch).logits_per_image, expected)
+
+
+@pytest.mark.parametrize(
+    ("case", "shape_problem"),
+    [
+        ("wider-text", r"has shape \(2, 8\), but this base model expects \(2, 4\)"),
+        ("fewer-layers", "missing weight"),
+    ],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_the_model_is_touched(
+    tmp_path, monkeypatch, case, shape_problem
+):
+    """Only the weights' shapes tell (a config saved without ``tower_sizes``): still nothing changes."""
+    target = OTHER_BASES[case][0]
+    get_peft_model(target(), CFG, adapter_name="other").save_pretrained(tmp_path)
+    _forget_tower_sizes(tmp_path / "other")
+    model = _two_adapters(make_clip())
+    _randomise(model)
+    model.base_model.set_requires_grad("art", False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers_changed = []
+    monkeypatch.setattr(MmAPLayer, "update_layer", lambda *args: layers_changed.append(args))
+    with pytest.raises(ValueError, match=f"'other' does not fit this base model .*({shape_problem})"):
+        model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert layers_changed == []
+    assert sorted(model.peft_config) == ["art", "group0"]
+    assert model.active_adapters == ["group0", "art"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
 # ---- PEFT conformance: the expectations PEFT's own tests check for LoRA --------------------------------

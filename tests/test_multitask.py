@@ -11,7 +11,8 @@ from conftest import make_clip
 
 from peft_mmap import MmAPConfig
 from peft_mmap.classifier import TaskSpec
-from peft_mmap.multitask import MANIFEST_NAME, RUN_ADAPTERS_DIR, MultiTaskMmAP
+from peft_mmap.manifest import MANIFEST_NAME, RUN_ADAPTERS_DIR
+from peft_mmap.multitask import MultiTaskMmAP
 
 TASKS = [
     TaskSpec("art", ["cat", "dog", "bird"]),
@@ -54,6 +55,18 @@ def test_logits_equal_a_hand_built_clip_classifier(model, tokenizer):
     )
     out = peft(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
     torch.testing.assert_close(logits, out.logits_per_image, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_call_chooses_the_adapters_once(model, monkeypatch):
+    entered = []
+    for_task = model.for_task
+    monkeypatch.setattr(model, "for_task", lambda task: entered.append(task) or for_task(task))
+    pixels = torch.randn(2, 3, 16, 16)
+    model.clear_cache()
+    logits = model(pixels, "art")
+    assert entered == ["art"]
+    model.peft_model.base_model.set_adapter(["group1", "product"])  # the active adapters do not matter
+    torch.testing.assert_close(model(pixels, "art"), logits)
 
 
 def test_text_features_are_cached_and_invalidated_by_updates(model):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from peft_mmap.apps.cli import main
+from peft_mmap.apps.params import clip_config, count_method_parameters, markdown_table
 from peft_mmap.baselines import METHODS
 from peft_mmap.baselines.bitfit import clip_bias_parameters
 from peft_mmap.baselines.full_ft import clip_parameters
-from peft_mmap.cli import main
-from peft_mmap.params import clip_config, count_method_parameters, markdown_table
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ import torch
 from conftest import make_clip
 
 from peft_mmap import MmAPConfig
-from peft_mmap.classifier import TaskSpec
-from peft_mmap.cli import add_perf_arguments
-from peft_mmap.multitask import MultiTaskMmAP
-from peft_mmap.perf import (
+from peft_mmap.apps.cli import add_perf_arguments
+from peft_mmap.apps.perf import (
     OFFICE_HOME_CLASSES,
     SERVING,
     TRAIN_METHODS,
@@ -29,6 +27,8 @@ from peft_mmap.perf import (
     saved_tensor_bytes,
     word_tokenizer,
 )
+from peft_mmap.classifier import TaskSpec
+from peft_mmap.multitask import MultiTaskMmAP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,7 @@ def make_mmap(tokenizer, attn_implementation: str = "sdpa") -> MultiTaskMmAP:
 
 
 def uncached_text_features(model: MultiTaskMmAP, task: str) -> torch.Tensor:
-    model.activate(task)
-    with torch.no_grad():
+    with model.for_task(task), torch.no_grad():
         return torch.nn.functional.normalize(model.encode_text(task), dim=-1)
 
 
@@ -166,8 +165,7 @@ def test_mmap_text_features_do_not_depend_on_padding(tokenizer, attn_implementat
         longest = model.task_tokens(name)
         padded = tokenizer(spec.prompts, padding="max_length", max_length=20, return_tensors="pt")
         assert padded["input_ids"].shape[1] > longest["input_ids"].shape[1]
-        model.activate(name)
-        with torch.no_grad():
+        with model.for_task(name), torch.no_grad():
             short = model.clip_model.get_text_features(**longest).pooler_output
             long = model.clip_model.get_text_features(**padded).pooler_output
         torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
@@ -242,7 +240,7 @@ def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> Non
 
 
 def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
-    from peft_mmap.cli import main
+    from peft_mmap.apps.cli import main
 
     options = "perf --arch tiny --batch 2 --infer-batches 1,2 --rounds 2 --warmup 0 --peak-tflops 1"
     main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--output", str(tmp_path)])
@@ -279,6 +277,6 @@ def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
 
 
 def test_perf_module_does_not_import_the_command_line():
-    code = "import sys, peft_mmap.perf; print('peft_mmap.cli' in sys.modules)"
+    code = "import sys, peft_mmap.apps.perf; print('peft_mmap.apps.cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peft_mmap.probe import PENALTIES, fit_probe, probe_accuracy
+from peft_mmap.apps.probe import PENALTIES, fit_probe, probe_accuracy
 
 
 def _clusters(

@@ -78,7 +78,7 @@ def test_enum_extension_works_on_other_pythons(version):
         pytest.skip(f"python{version} is not installed on this machine")
     import peft.utils.peft_types as peft_types
 
-    import peft_mmap.registration as registration
+    import peft_mmap.peft_type as registration
 
     out = subprocess.run(
         [python, "-c", ENUM_CHECK, peft_types.__file__, registration.__file__],

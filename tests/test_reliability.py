@@ -30,11 +30,13 @@ from test_train import assert_identical, make_datasets, make_model, trainable
 import peft_mmap
 from peft_mmap import MmAPConfig, MmAPLayer
 from peft_mmap.baselines import load_trainable, save_trainable
+from peft_mmap.checkpoint import find_checkpoint
 from peft_mmap.classifier import TaskSpec
 from peft_mmap.files import check_safe_name
 from peft_mmap.grouping import group_tasks
-from peft_mmap.multitask import MANIFEST_NAME, MAX_MANIFEST_BYTES, MultiTaskMmAP, read_manifest
-from peft_mmap.train import TrainConfig, find_checkpoint, train
+from peft_mmap.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, read_manifest
+from peft_mmap.multitask import MultiTaskMmAP
+from peft_mmap.train import TrainConfig, train
 
 PACKAGE = Path(peft_mmap.__file__).resolve().parent
 TASKS = [
@@ -550,7 +552,7 @@ def test_task_adapters_only_round_trip(tokenizer, tmp_path):
     ],
 )
 def test_cli_rejects_bad_values_with_exit_code_2(workspace, tmp_path, capsys, option, message):
-    from peft_mmap.cli import main
+    from peft_mmap.apps.cli import main
 
     argv = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2",
             "--output", str(tmp_path / "run"), *option]  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_mmap.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark, render_image
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark, render_image
 
 
 def _pixels(class_name: str, domain: str, seed: int, size: int = 64) -> np.ndarray:

@@ -15,8 +15,8 @@ from conftest import assert_umask_modes, process_umask
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from peft_mmap.synthetic import SYNTHETIC_CLASSES, render_image
-from peft_mmap.tiny_clip import (
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, render_image
+from peft_mmap.apps.tiny_clip import (
     AMBIGUOUS_LABELS,
     LABEL_SHARE,
     LOOSE_SHARE,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import CLIPConfig
 
-from ..layer import Tower
+from ..prompting import Tower
 from .prompted import PromptUnit, init_prefix
 
 #: Context tokens and init std of CoOp.

@@ -8,8 +8,9 @@ and for parameter counting on the ``meta`` device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
@@ -50,9 +51,14 @@ class FullFineTune(TrainableStateMixin, CLIPTaskClassifier):
         """The backbone of the active task."""
         return self.copies[self._active] if self._active in self.copies else self.clip  # noqa: SIM401 (ModuleDict has no get)
 
-    def activate(self, task: str) -> None:
-        """Use ``task``'s backbone (the shared one in the multi-task form)."""
-        self._active = self.check_task(task).name
+    @contextlib.contextmanager
+    def for_task(self, task: str) -> Iterator[None]:
+        """Within the block, ``clip_model`` is ``task``'s backbone (the shared one in the multi-task form)."""
+        previous, self._active = self._active, self.check_task(task).name
+        try:
+            yield
+        finally:
+            self._active = previous
 
 
 def _encoder_parameters(config) -> int:

@@ -11,18 +11,12 @@ from torch import nn
 from transformers import CLIPConfig
 
 from ..config import MmAPConfig
-from ..layer import Tower
-from .prompted import PromptUnit, prompt_depth
+from ..prompting import Tower, shared_depth
+from .prompted import PromptUnit
 
 #: MmAP's defaults, so that the ablation compares equal prompt budgets.
 DEFAULT_PROMPT_LENGTH: int = MmAPConfig.__dataclass_fields__["prompt_length"].default
 DEFAULT_INIT_STD: float = MmAPConfig.__dataclass_fields__["init_std"].default
-
-
-def shared_depth(config: CLIPConfig, depth: int | None) -> int:
-    """``depth``, or every layer both towers have (MmAP's default)."""
-    layers = min(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
-    return prompt_depth(depth, layers)
 
 
 class JointPrompts(PromptUnit):

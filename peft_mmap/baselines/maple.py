@@ -13,15 +13,10 @@ import torch
 from torch import nn
 from transformers import CLIPConfig
 
-from ..layer import Tower
-from .prompted import PromptUnit, init_prefix, prompt_depth
+from ..prompting import Tower, shared_depth
+from .prompted import PromptUnit, init_prefix
 
 DEFAULT_PROMPT_LENGTH, DEFAULT_DEPTH, DEFAULT_INIT_STD = 2, 9, 0.02
-
-
-def _depth(config: CLIPConfig, depth: int | None) -> int:
-    layers = min(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
-    return prompt_depth(depth, layers, default=DEFAULT_DEPTH)
 
 
 class MaPLePrompts(PromptUnit):
@@ -40,7 +35,7 @@ class MaPLePrompts(PromptUnit):
     ):
         super().__init__()
         d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
-        self.depth = _depth(config, depth)
+        self.depth = shared_depth(config, depth, DEFAULT_DEPTH)
         self.lengths = {"text": prompt_length, "vision": prompt_length}
         text = torch.randn(self.depth, prompt_length, d_l) * init_std
         text[0] = init_prefix(text[0], init)  # MaPLe: the first layer's prompts from ctx_init's first words
@@ -58,4 +53,4 @@ def maple_parameters(
 ) -> int:
     """Parameters of one `MaPLePrompts`."""
     d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
-    return _depth(config, depth) * (prompt_length * d_l + d_l * d_v + d_v)
+    return shared_depth(config, depth, DEFAULT_DEPTH) * (prompt_length * d_l + d_l * d_v + d_v)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import CLIPConfig
 
-from ..layer import Tower
-from .joint import DEFAULT_INIT_STD, DEFAULT_PROMPT_LENGTH, shared_depth
+from ..prompting import Tower, shared_depth
+from .joint import DEFAULT_INIT_STD, DEFAULT_PROMPT_LENGTH
 from .prompted import PromptUnit
 
 

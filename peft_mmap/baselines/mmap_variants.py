@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from transformers import CLIPConfig
 
 from ..config import MmAPConfig
+from ..prompting import shared_depth
 
 DEFAULT_RANDOM_GROUPS = 2
 
@@ -26,5 +27,4 @@ def mmap_adapter_parameters(config: CLIPConfig, mmap: MmAPConfig | None = None) 
     mmap = mmap or MmAPConfig()
     m, n = mmap.source_shape
     d_l, d_v = config.text_config.hidden_size, config.vision_config.hidden_size
-    depth = mmap.depth or min(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
-    return depth * (m * n + (mmap.prompt_length // m) * (d_l // n + d_v // n))
+    return shared_depth(config, mmap.depth) * (m * n + (mmap.prompt_length // m) * (d_l // n + d_v // n))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..files import atomic_write, load_safetensors
+from ..files import atomic_write, check_state_dict, load_safetensors
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -34,19 +34,11 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
     """
     tensors = load_safetensors(path, "trainable-parameter file")
     expected = trainable_state(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match this model's trainable parameters: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (different method, tasks or options?)."
-        )
-    wrong = {
-        n: (tuple(t.shape), tuple(expected[n].shape))
-        for n, t in tensors.items()
-        if t.shape != expected[n].shape
-    }
-    if wrong:
-        raise ValueError(f"{path}: shape mismatch (file vs model) for {wrong} (different CLIP or options?).")
+    check_state_dict(
+        expected,
+        tensors,
+        f"{path} does not match this model's trainable parameters (different method, tasks, CLIP or options?):",
+    )
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

@@ -10,7 +10,8 @@ MaPLe prompts, ...). A task uses a list of units whose slots are placed in that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -18,9 +19,8 @@ from torch import nn
 from transformers import CLIPConfig, PreTrainedTokenizerBase
 
 from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
-from ..layer import Tower
-from ..multitask import check_groups, group_adapter_name
-from ..prompting import PromptSlot, install_deep_prompts, tower_encoders
+from ..manifest import check_groups, group_adapter_name
+from ..prompting import PromptSlot, Tower, install_deep_prompts, tower_encoders
 from .persistence import TrainableStateMixin
 
 Layout = Literal["task", "shared", "grouped"]
@@ -96,22 +96,18 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         for tower, encoder in tower_encoders(clip).items():
             install_deep_prompts(encoder, lambda layer, tower=tower: self._slots(tower, layer))
 
-    def activate(self, task: str) -> None:
-        """Use ``task``'s units for the next forward passes."""
-        self._active = self.units_of[self.check_task(task).name]
+    @contextlib.contextmanager
+    def for_task(self, task: str) -> Iterator[None]:
+        """Within the block, the deep-prompt layers use ``task``'s units."""
+        previous, self._active = self._active, self.units_of[self.check_task(task).name]
+        try:
+            yield
+        finally:
+            self._active = previous
 
     def _slots(self, tower: Tower, layer: int) -> list[PromptSlot]:
         units = [self.units[name] for name in self._active]
         return [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
-
-
-def prompt_depth(depth: int | None, num_layers: int, default: int | None = None) -> int:
-    """Prompted layers: ``depth``, else ``default`` clipped to ``num_layers``, else every layer."""
-    if depth is None:
-        return num_layers if default is None else min(default, num_layers)
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_layers:
-        raise ValueError(f"depth must be an int in [1, {num_layers}] for this model, got {depth!r}.")
-    return depth
 
 
 def word_embeddings(clip: nn.Module, tokenizer: PreTrainedTokenizerBase, phrase: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a method is trained under the ``"recipes"`` protocol (`peft_mmap.bench.PROTOCOLS`).
+    """How a method is trained under the ``"recipes"`` protocol (`peft_mmap.apps.bench.PROTOCOLS`).
 
     Attributes:
         train: `peft_mmap.train.TrainConfig` fields that replace the shared settings (e.g. ``lr``).

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import CLIPConfig
 
-from ..layer import Tower
-from .prompted import PromptUnit, prompt_depth
+from ..prompting import Tower, prompt_depth
+from .prompted import PromptUnit
 
 DEFAULT_PROMPT_LENGTH = 8
 

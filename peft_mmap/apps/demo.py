@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
+from ..config import MmAPConfig
+from ..data import scan_image_folder
+from ..evaluate import AVERAGE
+from ..files import atomic_write_json
+from ..multitask import MultiTaskMmAP
+from ..train import TrainConfig
 from .bench import Benchmark, BenchmarkSpec
-from .config import MmAPConfig
-from .data import scan_image_folder
-from .evaluate import AVERAGE
-from .files import atomic_write_json
-from .multitask import MultiTaskMmAP
 from .synthetic import generate_benchmark
 from .tiny_clip import TINY_CLIP_PATH
-from .train import TrainConfig
 
 #: Every method of the library that the demo compares, in table order.
 DEMO_METHODS = (
@@ -103,7 +103,7 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the demo end to end; returns the ``results.json`` payload (see `peft_mmap.bench.Benchmark.run`)."""
+    """Run the demo end to end; returns the ``results.json`` payload (see `peft_mmap.apps.bench.Benchmark.run`)."""
     started = time.monotonic()
     model_id = str(model or TINY_CLIP_PATH)
     data_root = Path(data_dir) if data_dir else cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}"

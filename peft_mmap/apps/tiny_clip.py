@@ -5,7 +5,7 @@ The shipped files in :data:`TINY_CLIP_PATH` are a transformers ``CLIPModel`` (``
 ``merges.txt``, ``tokenizer.json``) and a ``CLIPImageProcessor`` config, all loadable offline.
 
 :func:`pretrain_tiny_clip` reproduces them: it renders image–caption pairs with
-:mod:`peft_mmap.synthetic` (in memory), trains the tokenizer, builds the model from a ``CLIPConfig`` and
+:mod:`peft_mmap.apps.synthetic` (in memory), trains the tokenizer, builds the model from a ``CLIPConfig`` and
 trains it with CLIP's symmetric InfoNCE loss and learnable temperature. The corpus is deliberately uneven
 across domains (a mix unlike the benchmark's four equal tasks) and it uses three of the benchmark's
 labels loosely (:data:`AMBIGUOUS_LABELS`), so the benchmark is a shifted slice of the pretraining world:
@@ -30,13 +30,13 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
-from peft_mmap.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 
 __all__ = ["AMBIGUOUS_LABELS", "TINY_CLIP_PATH", "caption_name", "load_tiny_clip", "pretrain_tiny_clip"]
 
-TINY_CLIP_PATH: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip"
+TINY_CLIP_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip"
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TEXT_LEN = 32

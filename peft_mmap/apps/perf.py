@@ -50,13 +50,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-from .baselines import build_method
-from .classifier import CLIPTaskClassifier, TaskSpec
-from .config import MmAPConfig
-from .data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
-from .files import atomic_write_json, atomic_write_text
-from .options import PERF_INFER_BATCHES, TINY_ARCH
-from .options import PERF_METHODS as TRAIN_METHODS
+from ..baselines import build_method
+from ..classifier import CLIPTaskClassifier, TaskSpec
+from ..config import MmAPConfig
+from ..data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
+from ..files import atomic_write_json, atomic_write_text
+from ..options import PERF_INFER_BATCHES, TINY_ARCH
+from ..options import PERF_METHODS as TRAIN_METHODS
+from ..train import autocast
 from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
@@ -79,7 +80,7 @@ _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def perf_clip_config(arch: str) -> CLIPConfig:
-    """`peft_mmap.params.clip_config`, plus ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
+    """`peft_mmap.apps.params.clip_config`, plus ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
     if arch != TINY_ARCH:
         config = clip_config(arch)
     else:
@@ -226,12 +227,6 @@ def saved_tensor_bytes(exclude: Sequence[torch.Tensor]) -> Iterator[list[int]]:
         yield total
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 class _Bench:
     """Builds the models of one run and measures them (one base CLIP, deep-copied per method)."""
 
@@ -274,7 +269,7 @@ class _Bench:
 
     def loss(self, model: CLIPTaskClassifier) -> torch.Tensor:
         """Cross-entropy of one training batch of the benchmark task."""
-        with _autocast(self.precision, self.device):
+        with autocast(self.precision, self.device):
             logits = model(self.pixels, self.task)
         return F.cross_entropy(logits.float(), self.labels)
 
@@ -332,7 +327,7 @@ class _Bench:
     def serving_models(self) -> dict[str, CLIPTaskClassifier]:
         """Eval-mode zero-shot CLIP and MmAP with the class text features of every task cached."""
         models = {"zeroshot": self.build("zeroshot").eval(), "mmap": self.build("mmap").eval()}
-        with torch.inference_mode(), _autocast(self.precision, self.device):
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for model in models.values():
                 for task in self.tasks:
                     model.text_features(task.name)
@@ -351,7 +346,7 @@ class _Bench:
 
         def infer(model: CLIPTaskClassifier, tasks: Iterator) -> Callable[[], torch.Tensor]:
             def call() -> torch.Tensor:
-                with torch.inference_mode(), _autocast(self.precision, self.device):
+                with torch.inference_mode(), autocast(self.precision, self.device):
                     return model(pixels, next(tasks))
 
             return call
@@ -381,7 +376,6 @@ class _Bench:
     def measure_text(self, rounds: int, warmup: int) -> dict:
         """MmAP text features forward + backward for one task: longest-prompt padding vs 77 positions."""
         model = self.build("mmap").train()
-        model.activate(self.task)
         max_length = self.config.text_config.max_position_embeddings
         padded = self.tokenizer(
             list(self.tasks[0].prompts), padding="max_length", max_length=max_length, return_tensors="pt"
@@ -394,14 +388,15 @@ class _Bench:
         def step(tokens: dict[str, torch.Tensor]) -> Callable[[], None]:
             def call() -> None:
                 model.zero_grad(set_to_none=True)
-                with _autocast(self.precision, self.device):
+                with autocast(self.precision, self.device):
                     features = model.clip_model.get_text_features(**tokens).pooler_output
                 F.normalize(features.float(), dim=-1).sum().backward()
 
             return call
 
         steps = {k: step(v) for k, v in token_sets.items()}
-        times = interleaved_seconds(steps, rounds, warmup, self.device, self.log)
+        with model.for_task(self.task):
+            times = interleaved_seconds(steps, rounds, warmup, self.device, self.log)
         return {"seconds": times, "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1])}
 
     def profile_serving(self, calls: int = 8, rows: int = 15) -> str:
@@ -447,7 +442,7 @@ def run_benchmark(
     """Measure every quantity of the module docstring in one run; returns the JSON-ready result.
 
     Args:
-        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.params.ARCHS`) or ``tiny``.
+        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.apps.params.ARCHS`) or ``tiny``.
         device: where to run.
         batch: images per training step.
         rounds / warmup: timed and untimed round-robin rounds of every measurement.
@@ -694,11 +689,3 @@ def run_perf(args: argparse.Namespace) -> dict:
         atomic_write_text(args.output / "profile.md", bench.profile_serving())
     print(report)
     return result
-
-
-if __name__ == "__main__":  # ``python -m peft_mmap.perf``: the same as ``peft-mmap perf``
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["perf", *sys.argv[1:]]))

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from transformers import CLIPModel
 
-from .affinity import save_affinity, task_affinity
-from .baselines import METHODS, build_method
-from .classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec, load_clip_processor
-from .config import MmAPConfig
-from .data import ImageClassificationDataset, TaskFolder, TaskSplit, few_shot_split, load_split, save_split
-from .evaluate import (
+from ..affinity import save_affinity, task_affinity
+from ..baselines import METHODS, build_method
+from ..checkpoint import find_checkpoint
+from ..classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec, load_clip_processor
+from ..config import MmAPConfig
+from ..data import ImageClassificationDataset, TaskFolder, TaskSplit, few_shot_split, load_split, save_split
+from ..evaluate import (
     AVERAGE,
     evaluate,
     method_result,
@@ -33,11 +34,11 @@ from .evaluate import (
     results_table_text,
     write_results_json,
 )
-from .files import atomic_write, atomic_write_json, atomic_write_text, read_json
-from .grouping import group_tasks
-from .multitask import MultiTaskMmAP
-from .options import DEFAULT_NUM_GROUPS, PROTOCOLS
-from .train import TrainConfig, find_checkpoint, train
+from ..files import atomic_write, atomic_write_json, atomic_write_text, read_json
+from ..grouping import group_tasks
+from ..multitask import MultiTaskMmAP
+from ..options import DEFAULT_NUM_GROUPS, PROTOCOLS
+from ..train import TrainConfig, train
 
 #: Methods whose builder takes the task groups found by gradient-based grouping.
 GROUPED_METHODS = ("mmap", "mmap_random_groups", "joint_prompts", "mlp_prompts")

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from .baselines import METHODS, build_method
-from .classifier import TaskSpec
-from .options import ARCHS
+from ..baselines import METHODS, build_method
+from ..classifier import TaskSpec
+from ..options import ARCHS
 
 #: The paper's Table 1 "Parameters" row (CLIP ViT-B/16, four Office-Home tasks), by Table 1 column.
 PAPER_PARAMETERS = {

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, CLIPProcessor
 
-from .classifier import DEFAULT_TEMPLATE
-from .data import ImageClassificationDataset, Sample, TaskFolder, few_shot_split
+from ..classifier import DEFAULT_TEMPLATE
+from ..data import ImageClassificationDataset, Sample, TaskFolder, few_shot_split
 
 #: L2 strengths (toward the zero-shot head) tried on the held-out shots.
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)

@@ -14,6 +14,7 @@ answer without importing torch, transformers or peft; each command imports what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -23,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from .files import atomic_write_json, read_json
-from .options import (
+from ..files import atomic_write_json, read_json
+from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
     DEFAULT_PROMPT_LENGTH,
@@ -38,16 +38,17 @@ from .options import (
     PROTOCOLS,
     TINY_ARCH,
 )
-from .train_config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainConfig
+from ..train_config import TrainConfig
+from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from .classifier import TaskSpec
-    from .config import MmAPConfig
-    from .data import ImageClassificationDataset, TaskSplit
-    from .train import TrainResult
+    from ..classifier import TaskSpec
+    from ..config import MmAPConfig
+    from ..data import ImageClassificationDataset, TaskSplit
+    from ..train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -187,70 +188,43 @@ def add_num_groups_argument(parser: argparse.ArgumentParser | argparse._Argument
     )
 
 
+#: argparse types of numeric config fields, by annotation and metadata ``"range"``.
+RANGE_TYPES: dict[tuple[str, str], Callable[[str], object]] = {
+    ("int", "positive"): positive_int,
+    ("int", "non_negative"): non_negative_int,
+    ("float", "positive"): positive_float,
+    ("float", "non_negative"): non_negative_float,
+}
+
+
+def config_options(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are command-line options (those with ``"help"`` metadata)."""
+    return [f for f in dataclasses.fields(config_cls) if "help" in f.metadata]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_cls: type) -> None:
+    """One ``--field-name`` option per field of `config_options`, from its metadata and annotation.
+
+    ``bool`` fields are flags; ``"choices"`` fields take one of them; ``int``/``float`` fields (``X | None``
+    too) get the argparse type of their ``"range"``. The help is the metadata's ``"help"`` plus the default.
+    """
+    for f in config_options(config_cls):
+        kind = str(f.type).split("|")[0].strip()
+        option = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            parser.add_argument(option, action="store_true", help=f"{f.metadata['help']}.")
+            continue
+        kwargs: dict[str, object] = {"default": f.default}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["type"] = RANGE_TYPES[kind, f.metadata["range"]]
+        shown = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(option, help=f"{f.metadata['help']}{shown}.", **kwargs)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default {d.epochs}).")
-    opt.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d.batch_size,
-        help=f"images per task per step (default {d.batch_size}).",
-    )
-    opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"learning rate (default {d.lr}).")
-    opt.add_argument(
-        "--momentum",
-        type=non_negative_float,
-        default=d.momentum,
-        help=f"SGD momentum (default {d.momentum}).",
-    )
-    opt.add_argument(
-        "--weight-decay",
-        type=non_negative_float,
-        default=d.weight_decay,
-        help=f"weight decay (default {d.weight_decay}).",
-    )
-    opt.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"optimizer (default {d.optimizer})."
-    )
-    opt.add_argument(
-        "--scheduler", choices=SCHEDULERS, default=d.scheduler, help=f"LR schedule (default {d.scheduler})."
-    )
-    opt.add_argument(
-        "--warmup-epochs",
-        type=non_negative_int,
-        default=d.warmup_epochs,
-        help=f"constant warm-up epochs (default {d.warmup_epochs}).",
-    )
-    opt.add_argument(
-        "--warmup-lr",
-        type=positive_float,
-        default=d.warmup_lr,
-        help=f"warm-up learning rate (default {d.warmup_lr}).",
-    )
-    opt.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help=f"fp32, bf16 or fp16 (CUDA) autocast (default {d.precision}).",
-    )
-    opt.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute encoder layers to save memory."
-    )
-    opt.add_argument(
-        "--num-workers",
-        type=non_negative_int,
-        default=d.num_workers,
-        help=f"DataLoader workers per task (default {d.num_workers}).",
-    )
-    opt.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick runs).")
-    opt.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm to this value.")
-    opt.add_argument(
-        "--log-every",
-        type=positive_int,
-        default=d.log_every,
-        help=f"log losses every N steps with -v (default {d.log_every}).",
-    )
+    add_config_arguments(parser.add_argument_group("optimisation"), TrainConfig)
     mmap = parser.add_argument_group("MmAP")
     mmap.add_argument(
         "--prompt-length",
@@ -270,17 +244,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, optimizer=args.optimizer, scheduler=args.scheduler,
-        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=getattr(args, "seed", 0), num_workers=args.num_workers,
-        log_every=args.log_every, max_steps=args.max_steps, grad_clip=args.grad_clip,
-    )  # fmt: skip
+    """The `TrainConfig` of the parsed options (`add_train_arguments`; ``--seed`` where the command has it)."""
+    options = {f.name: getattr(args, f.name) for f in config_options(TrainConfig)}
+    return TrainConfig(**options, seed=getattr(args, "seed", 0))
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    from .config import MmAPConfig
+    from ..config import MmAPConfig
 
     return MmAPConfig(
         prompt_length=args.prompt_length, source_shape=tuple(args.source_shape), depth=args.depth
@@ -314,7 +284,7 @@ def device_of(args: argparse.Namespace) -> torch.device:
 
 def load_processor(model: str) -> CLIPProcessor:
     """The checkpoint's processor (PIL image backend, see `peft_mmap.classifier.load_clip_processor`)."""
-    from .classifier import load_clip_processor
+    from ..classifier import load_clip_processor
 
     try:
         return load_clip_processor(model)
@@ -334,7 +304,7 @@ def load_clip(model: str) -> CLIPModel:
 def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
     """The train/test split of the selected tasks, read from ``--split-file`` or drawn; the data must be of
     ``--layout``. Writes nothing (see `save_split_file`)."""
-    from .data import check_layout, few_shot_split, load_split, load_task_folders
+    from ..data import check_layout, few_shot_split, load_split, load_task_folders
 
     if args.split_file is not None and args.split_file.is_file():
         splits = load_split(args.split_file, args.data)
@@ -353,14 +323,14 @@ def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
 
 def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> None:
     """Write a freshly drawn split to ``--split-file`` (once every check has passed)."""
-    from .data import save_split
+    from ..data import save_split
 
     if args.split_file is not None and not args.split_file.is_file():
         save_split(splits, args.split_file, args.data)
 
 
 def task_specs(splits: dict[str, TaskSplit], template: str) -> list[TaskSpec]:
-    from .classifier import TaskSpec
+    from ..classifier import TaskSpec
 
     return [TaskSpec(name, split.classnames, template) for name, split in splits.items()]
 
@@ -369,7 +339,7 @@ def datasets(
     splits: dict[str, TaskSplit], processor: CLIPProcessor, part: str, args: argparse.Namespace
 ) -> dict[str, ImageClassificationDataset]:
     """Each task's ``part`` (``train``/``test``) images; unreadable images are reported here, before any work."""
-    from .data import ImageClassificationDataset
+    from ..data import ImageClassificationDataset
 
     return {
         name: ImageClassificationDataset(
@@ -418,8 +388,8 @@ def add_group_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_group(args: argparse.Namespace) -> None:
-    from .affinity import AFFINITY_JSON, AFFINITY_PNG, save_affinity, task_affinity
-    from .grouping import group_tasks
+    from ..affinity import AFFINITY_JSON, AFFINITY_PNG, save_affinity, task_affinity
+    from ..grouping import group_tasks
 
     config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
@@ -454,8 +424,10 @@ def add_train_subcommand_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .multitask import RUN_ADAPTERS_DIR, MultiTaskMmAP, check_groups
-    from .train import find_checkpoint, train
+    from ..checkpoint import find_checkpoint
+    from ..manifest import RUN_ADAPTERS_DIR, check_groups
+    from ..multitask import MultiTaskMmAP
+    from ..train import train
 
     config, mmap = train_config(args), mmap_config(args)
     splits = load_splits(args)
@@ -520,9 +492,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .baselines import build_method
-    from .evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
-    from .multitask import MultiTaskMmAP, manifest_task_specs, read_manifest, resolve_adapter_folder
+    from ..baselines import build_method
+    from ..evaluate import AVERAGE, evaluate, method_result, results_table_text, write_results_json
+    from ..manifest import manifest_task_specs, read_manifest, resolve_adapter_folder
+    from ..multitask import MultiTaskMmAP
 
     zero_shot = "zeroshot"
     if not args.no_zero_shot and args.method_name == zero_shot:
@@ -630,8 +603,8 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from ..data import load_task_folders
     from .bench import Benchmark, run_shot_sweep
-    from .data import load_task_folders
 
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     spec = bench_spec(args, len(folders))
