@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from peft_mmap import bench as bench_module
+from peft_mmap.apps import bench as bench_module
 from peft_mmap.apps.bench import Benchmark, BenchmarkSpec, ablation_markdown, plot_shot_sweep
 from peft_mmap.config import MmAPConfig
 from peft_mmap.data import scan_image_folder
