@@ -654,7 +654,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (50-57 s on 2 busy cores).",
+        help="a shorter run: one seed, 2 epochs, 4 methods (53-66 s on 2 busy cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -760,7 +760,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured twice on 2 busy CPU cores: 9.5-10.5 min; --quick: 50-57 s).",
+        "switching (measured on 2 busy CPU cores: 9.5-15 min; --quick: 53-66 s).",
         add_demo_arguments,
         run_demo,
     ),
