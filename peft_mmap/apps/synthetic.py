@@ -568,13 +568,14 @@ def generate_benchmark(
     chosen_classes = _check_subset(classes, SYNTHETIC_CLASSES, "class name")
     chosen_domains = _check_subset(domains, SYNTHETIC_DOMAINS, "domain")
     root = Path(root)
+    labels = {c: BENCHMARK_LABELS.get(c, c) for c in chosen_classes}
     meta = {
         "format_version": _FORMAT_VERSION,
         "seed": seed,
         "size": size,
         "images_per_class": images_per_class,
         "classes": list(chosen_classes),
-        "labels": [BENCHMARK_LABELS.get(c, c) for c in chosen_classes],
+        "labels": [labels[c] for c in chosen_classes],
         "domains": list(chosen_domains),
         "num_images": images_per_class * len(chosen_classes) * len(chosen_domains),
     }
@@ -590,8 +591,8 @@ def generate_benchmark(
     try:
         for domain in chosen_domains:
             for class_name in chosen_classes:
-                label = BENCHMARK_LABELS.get(class_name, class_name)
-                folder = staging / check_safe_name(domain, "domain") / check_safe_name(label, "class label")
+                label = check_safe_name(labels[class_name], "class label")
+                folder = staging / check_safe_name(domain, "domain") / label
                 folder.mkdir(parents=True)
                 for i in range(images_per_class):
                     rng = np.random.default_rng(_image_seed(seed, domain, class_name, i))
