@@ -95,3 +95,12 @@ def test_recipes_protocol_and_the_papers_single_recipe():
     assert options == {"n_ctx": 4, "ctx_init": "a photo of a"}
     config, options = spec(protocol="paper").recipe("coop_mt", 3)
     assert config == dataclasses.replace(QUICK, seed=3) and options == {}
+
+
+@pytest.mark.parametrize("protocol", ["recipes", "paper"])
+@pytest.mark.parametrize("augment", [True, False])
+def test_augment_setting_overrides_every_methods_recipe(protocol, augment):
+    for method in ("coop_mt", "mmap", "full_ft"):
+        config, _ = spec(protocol=protocol, augment=augment).recipe(method, 1)
+        assert config.augment is augment, (method, protocol)
+    assert spec(protocol="recipes").recipe("mmap", 1)[0].augment is True  # None keeps the recipe's choice

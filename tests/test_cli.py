@@ -241,6 +241,15 @@ def test_one_default_number_of_groups():
         assert args.num_groups is None  # both resolve through num_groups_for
 
 
+def test_bench_augment_flag_reaches_the_spec():
+    from peft_mmap.apps.cli import bench_spec
+
+    parser = build_parser()
+    base = ["bench", "--model", "org/name", "--data", "d", "--output", "o", "--shots", "2"]
+    for flags, expected in (([], None), (["--augment"], True), (["--no-augment"], False)):
+        assert bench_spec(parser.parse_args([*base, *flags]), 4).augment is expected, flags
+
+
 def test_train_summary_names_losses_time_and_adapters(tmp_path):
     history = [{"art": 1.5, "clipart": 2.25}, {"art": 1.0, "clipart": 2.0}]
     text = train_summary(TrainResult(4, 2, history, None, 3.25), tmp_path / "run" / "adapters")

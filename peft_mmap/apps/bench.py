@@ -72,6 +72,9 @@ class BenchmarkSpec:
         method_options: extra builder options per method (e.g. ``{"coop": {"n_ctx": 4}}``); they override
             the recipe's.
         protocol: ``"recipes"`` or ``"paper"`` (see `PROTOCOLS`).
+        augment: ``None`` keeps each method's choice (the recipes augment, the paper protocol does not);
+            ``True``/``False`` turns training augmentation on/off for every method, e.g. for data where
+            random crops cut the object out (the demo's 48-pixel synthetic images).
         device: where to train and evaluate (default: CUDA if available).
     """
 
@@ -89,6 +92,7 @@ class BenchmarkSpec:
     eval_batch_size: int = 64
     method_options: dict[str, dict] = field(default_factory=dict)
     protocol: str = "recipes"
+    augment: bool | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -111,6 +115,8 @@ class BenchmarkSpec:
         recipe = METHODS[method].recipe
         use = self.protocol == "recipes"
         config = dataclasses.replace(self.train, **(dict(recipe.train) if use else {}), seed=seed)
+        if self.augment is not None:
+            config = dataclasses.replace(config, augment=self.augment)
         options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
         return config, options
 

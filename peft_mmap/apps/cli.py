@@ -584,6 +584,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "shared settings; 'paper': the shared settings alone for every method (default recipes).",
     )
     bench.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="turn training augmentation (random resized crop + flip) on or off for every method "
+        "(default: as the protocol says).",
+    )
+    bench.add_argument(
         "--output", type=Path, required=True, help="results folder (finished runs there are not rerun)."
     )
 
@@ -598,7 +605,8 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
         train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
         groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
-        eval_batch_size=args.eval_batch_size, protocol=args.protocol, device=args.device,
+        eval_batch_size=args.eval_batch_size, protocol=args.protocol, augment=args.augment,
+        device=args.device,
     )  # fmt: skip
 
 
@@ -654,7 +662,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (53-66 s on 2 busy cores).",
+        help="a shorter run: one seed, 2 epochs, 4 methods (54-56 s on 2 quiet cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -760,7 +768,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 busy CPU cores: 9.5-15 min; --quick: 53-66 s).",
+        "switching (measured on 2 quiet CPU cores: 11-12 min; --quick: 54-56 s).",
         add_demo_arguments,
         run_demo,
     ),

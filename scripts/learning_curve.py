@@ -1,0 +1,93 @@
+"""Learning curve of one method on the demo's benchmark: loss, clean-train and test accuracy per epoch.
+
+Usage: ``python scripts/learning_curve.py [--method mmap] [--epochs 5] [--augment | --no-augment] [--lr LR]
+[--optimizer sgd|adamw] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
+[--scale-init ones|zeros|normal]``
+
+It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
+the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
+evaluates on the *un-augmented* training images and on the test set. Train accuracy that stays low means
+under-fitting (or training on a distribution the clean images do not share); train accuracy far above
+test accuracy means over-fitting. Epoch 0 is the untrained method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from peft_mmap.apps.bench import Benchmark
+from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, cache_dir, demo_spec
+from peft_mmap.apps.synthetic import generate_benchmark
+from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
+from peft_mmap.data import scan_image_folder
+from peft_mmap.evaluate import AVERAGE, evaluate
+from peft_mmap.train import StepEvent, steps_per_epoch, train
+
+#: The grouping `peft-mmap demo` finds on its benchmark (seed 1), so a curve needs no affinity run.
+DEMO_GROUPS = [["clipart", "photo"], ["painting", "sketch"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="mmap", help="registry name (default mmap)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the demo's setting (off)")  # fmt: skip
+    parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="override the recipe's optimizer")
+    parser.add_argument("--prompt-length", type=int, help="MmAP b (default: the demo's)")
+    parser.add_argument("--source-shape", type=int, nargs=2, help="MmAP (m, n) (default: the demo's)")
+    parser.add_argument("--depth", type=int, help="MmAP prompted layers (default: all)")
+    parser.add_argument("--scale-init", choices=["ones", "zeros", "normal"], help="MmAP scale init")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    spec = demo_spec(methods=[args.method], seeds=[args.seed])
+    mmap = {"prompt_length": args.prompt_length, "source_shape": args.source_shape, "depth": args.depth,
+            "scale_init": args.scale_init}  # fmt: skip
+    spec.mmap = dataclasses.replace(spec.mmap, **{k: v for k, v in mmap.items() if v is not None})
+    if args.augment is not None:
+        spec.augment = args.augment
+    root = generate_benchmark(
+        cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}", images_per_class=DEMO_IMAGES_PER_CLASS
+    )
+    bench = Benchmark(
+        TINY_CLIP_PATH, scan_image_folder(root), spec, cache_dir() / "learning-curve", progress=False,
+        log=lambda line: None,
+    )  # fmt: skip
+    data = bench.seed_data(args.seed)
+    config, options = spec.recipe(args.method, args.seed)
+    overrides = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    torch.manual_seed(args.seed)
+    model = bench.build(args.method, args.seed, data.splits, DEMO_GROUPS, options)
+    spe = steps_per_epoch({t: len(d) for t, d in data.train.items()}, config.batch_size)
+    print(f"{args.method}: {config}")
+    print(f"{'epoch':>5} {'loss':>6} {'train':>6} {'test':>6}  test per task")
+    started, losses = time.monotonic(), []
+
+    def report(epoch: int) -> None:
+        train_acc = evaluate(model, data.train, batch_size=128)[AVERAGE]
+        test = evaluate(model, data.test, batch_size=128)
+        loss = f"{sum(losses[-spe:]) / spe:6.3f}" if losses else f"{'-':>6}"
+        tasks = " ".join(f"{t} {a:.1f}" for t, a in test.items() if t != AVERAGE)
+        print(f"{epoch:5d} {loss} {train_acc:6.1f} {test[AVERAGE]:6.1f}  {tasks}  "
+              f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+
+    def on_step(event: StepEvent) -> None:
+        losses.append(sum(event.losses.values()) / len(event.losses))
+        if event.global_step % spe == 0:
+            report(event.global_step // spe)
+
+    report(0)
+    if model.trainable_parameter_count():
+        train(model, data.train, config, progress=False, callback=on_step)
+
+
+if __name__ == "__main__":
+    main()
