@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .files import check_safetensors, new_file_mode
-from .options import DEFAULT_PROMPT_LENGTH, DEFAULT_SOURCE_SHAPE
+from .options import MMAP_CLI_FIELDS
 from .peft_type import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
@@ -67,21 +67,17 @@ class MmAPConfig(PeftConfig):
     """
 
     prompt_length: int = field(
-        default=DEFAULT_PROMPT_LENGTH,
-        metadata={"help": "b: prompt tokens per layer and tower; must be divisible by source_shape[0]."},
+        default=MMAP_CLI_FIELDS["prompt_length"][0],
+        metadata={"help": f"{MMAP_CLI_FIELDS['prompt_length'][1]}."},
     )
     source_shape: list[int] = field(
-        default_factory=lambda: list(DEFAULT_SOURCE_SHAPE),
+        default_factory=lambda: list(MMAP_CLI_FIELDS["source_shape"][0]),
         metadata={
-            "help": "[m, n]: shape of each layer's source prompt; n must divide both hidden sizes. A tuple is "
-            "accepted and stored as a list (the JSON form)."
+            "help": f"{MMAP_CLI_FIELDS['source_shape'][1]}. A tuple is accepted and stored as a list (the JSON form)."
         },
     )
     depth: int | None = field(
-        default=None,
-        metadata={
-            "help": "Layers (from the input) that get new prompts; None = every layer both towers have."
-        },
+        default=MMAP_CLI_FIELDS["depth"][0], metadata={"help": f"{MMAP_CLI_FIELDS['depth'][1]}."}
     )
     init_std: float = field(
         default=0.02, metadata={"help": "Std of the Gaussian init of the source prompts."}

@@ -18,6 +18,16 @@ DEFAULT_PROMPT_LENGTH = 4
 DEFAULT_SOURCE_SHAPE = (2, 8)
 """``MmAPConfig.source_shape`` (m, n): shape of each layer's source prompt."""
 
+MMAP_CLI_FIELDS: dict[str, tuple[int | tuple[int, int] | None, str]] = {
+    "prompt_length": (DEFAULT_PROMPT_LENGTH, "b: prompt tokens per layer and tower; must be divisible by m"),
+    "source_shape": (DEFAULT_SOURCE_SHAPE, "[m, n]: shape of each layer's source prompt; n must divide both "
+                     "hidden sizes"),
+    "depth": (None, "layers (from the input) that get new prompts; None = every layer both towers have"),
+}  # fmt: skip
+"""The `MmAPConfig` fields the command line sets (``--prompt-length``, ``--source-shape``, ``--depth``):
+name -> (default, help). The config's field defaults and help and the CLI options are all built from it,
+so ``peft-mmap --help`` needs no peft import and the two cannot drift apart."""
+
 DEFAULT_NUM_GROUPS = 2
 """Task groups found by gradient-based grouping when no number is given (``peft-mmap group`` and
 ``bench``, `peft_mmap.apps.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the

@@ -241,6 +241,32 @@ def test_one_default_number_of_groups():
         assert args.num_groups is None  # both resolve through num_groups_for
 
 
+def test_mmap_options_match_the_config_fields():
+    import dataclasses
+
+    from peft_mmap.apps.cli import mmap_config
+    from peft_mmap.config import MmAPConfig
+    from peft_mmap.options import MMAP_CLI_FIELDS
+
+    fields = {f.name: f for f in dataclasses.fields(MmAPConfig)}
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.choices and "train" in a.choices).choices["train"]
+    options = {a.dest: a for a in train._actions}
+    for name, (default, text) in MMAP_CLI_FIELDS.items():
+        assert fields[name].metadata["help"].startswith(text), name
+        assert options[name].help.startswith(text), name
+        expected = list(default) if isinstance(default, tuple) else default
+        assert getattr(MmAPConfig(), name) == expected == options[name].default, name
+    base = ["train", "--model", "org/name", "--data", "d", "--output", "o"]
+    assert mmap_config(parser.parse_args(base)).to_dict() == MmAPConfig().to_dict()  # same defaults
+    args = parser.parse_args([*base, "--prompt-length", "6", "--source-shape", "3", "16", "--depth", "2"])
+    assert (mmap_config(args).prompt_length, mmap_config(args).source_shape, mmap_config(args).depth) == (
+        6,
+        [3, 16],
+        2,
+    )
+
+
 def test_bench_augment_flag_reaches_the_spec():
     from peft_mmap.apps.cli import bench_spec
 

@@ -28,10 +28,9 @@ from ..files import atomic_write_json, read_json
 from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
-    DEFAULT_PROMPT_LENGTH,
-    DEFAULT_SOURCE_SHAPE,
     DEFAULT_TEMPLATE,
     LAYOUTS,
+    MMAP_CLI_FIELDS,
     PERF_INFER_BATCHES,
     PERF_METHODS,
     PERF_PRECISIONS,
@@ -226,21 +225,16 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser.add_argument_group("optimisation"), TrainConfig)
     mmap = parser.add_argument_group("MmAP")
-    mmap.add_argument(
-        "--prompt-length",
-        type=positive_int,
-        default=DEFAULT_PROMPT_LENGTH,
-        help=f"b: prompt tokens per layer (default {DEFAULT_PROMPT_LENGTH}).",
-    )
-    mmap.add_argument(
-        "--source-shape",
-        type=positive_int,
-        nargs=2,
-        metavar=("M", "N"),
-        default=list(DEFAULT_SOURCE_SHAPE),
-        help=f"shape of each source prompt (default {DEFAULT_SOURCE_SHAPE[0]} {DEFAULT_SOURCE_SHAPE[1]}).",
-    )
-    mmap.add_argument("--depth", type=positive_int, help="prompted layers (default: all).")
+    for name, (default, text) in MMAP_CLI_FIELDS.items():
+        pair = isinstance(default, tuple)
+        shown = "all" if default is None else " ".join(map(str, default)) if pair else default
+        mmap.add_argument(
+            "--" + name.replace("_", "-"),
+            type=positive_int,
+            default=list(default) if pair else default,
+            help=f"{text} (default {shown}).",
+            **({"nargs": 2, "metavar": ("M", "N")} if pair else {}),
+        )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -250,11 +244,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
+    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape`` and ``--depth``."""
     from ..config import MmAPConfig
 
-    return MmAPConfig(
-        prompt_length=args.prompt_length, source_shape=tuple(args.source_shape), depth=args.depth
-    )
+    return MmAPConfig(**{name: getattr(args, name) for name in MMAP_CLI_FIELDS})
 
 
 def num_groups_for(requested: int | str | None, num_tasks: int) -> int | None:
