@@ -1,8 +1,8 @@
 """Learning curve of one method on the demo's benchmark: loss, clean-train and test accuracy per epoch.
 
 Usage: ``python scripts/learning_curve.py [--method mmap] [--epochs 5] [--augment | --no-augment] [--lr LR]
-[--optimizer sgd|adamw] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
-[--scale-init ones|zeros|normal]``
+[--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
+[--scale-init ones|zeros|normal] [--vision-scale FACTOR]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
 the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
@@ -40,10 +40,13 @@ def main() -> None:
                         help="override the demo's setting (off)")  # fmt: skip
     parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="override the recipe's optimizer")
+    parser.add_argument("--weight-decay", type=float, help="override the recipe's weight decay")
     parser.add_argument("--prompt-length", type=int, help="MmAP b (default: the demo's)")
     parser.add_argument("--source-shape", type=int, nargs=2, help="MmAP (m, n) (default: the demo's)")
     parser.add_argument("--depth", type=int, help="MmAP prompted layers (default: all)")
     parser.add_argument("--scale-init", choices=["ones", "zeros", "normal"], help="MmAP scale init")
+    parser.add_argument("--vision-scale", type=float, default=1.0,
+                        help="multiply a fresh MmAP adapter's vision scaling matrices by this (prompt scale)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -62,10 +65,15 @@ def main() -> None:
     )  # fmt: skip
     data = bench.seed_data(args.seed)
     config, options = spec.recipe(args.method, args.seed)
-    overrides = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer}
+    overrides = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer,
+                 "weight_decay": args.weight_decay}  # fmt: skip
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(args.seed)
     model = bench.build(args.method, args.seed, data.splits, DEMO_GROUPS, options)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision_model" in name and "mmap_scale" in name:
+                param.mul_(args.vision_scale)
     spe = steps_per_epoch({t: len(d) for t, d in data.train.items()}, config.batch_size)
     print(f"{args.method}: {config}")
     print(f"{'epoch':>5} {'loss':>6} {'train':>6} {'test':>6}  test per task")
