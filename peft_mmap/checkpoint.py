@@ -4,7 +4,8 @@ A checkpoint holds ``trainable.safetensors`` (the trainable parameters by name),
 (optimizer state tensors as ``optimizer.<param name>.<key>`` and torch RNG states as ``rng.*``) and
 ``trainer_state.json`` (position, config, optimizer hyper-parameters and scalar state, LR-schedule position,
 GradScaler state, python/numpy RNG states, and what a bit-identical resume needs unchanged). A new
-checkpoint is written to ``checkpoint.new/`` and swapped in, so a crash leaves the previous one usable. See
+checkpoint is written to ``checkpoint.new/`` and swapped in (`peft_mmap.files.replace_directory`), so a
+crash leaves the previous one usable. See
 `peft_mmap.train` for what resuming guarantees.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_write, atomic_write_json, check_state_dict, load_safetensors, read_json
+from .files import (
+    atomic_write,
+    atomic_write_json,
+    check_state_dict,
+    complete_directory,
+    load_safetensors,
+    read_json,
+    replace_directory,
+)
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.json"
 CHECKPOINT_FORMAT = "peft_mmap.train_checkpoint"
 CHECKPOINT_VERSION = 1
 # Fields that may change between a run and its resumption without changing the trajectory.
@@ -130,34 +139,26 @@ def _load_optimizer_state(
 def write_checkpoint(
     directory: Path, params: dict[str, nn.Parameter], payload: dict, tensors: dict[str, torch.Tensor]
 ) -> Path:
-    """Write into ``checkpoint.new/`` and swap it in for ``checkpoint/`` (the old one is kept until then)."""
-    final = directory / CHECKPOINT_DIR
-    staging = directory / f"{CHECKPOINT_DIR}.new"
-    previous = directory / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(staging, ignore_errors=True)
+    """Write ``directory/checkpoint/`` through `replace_directory` (the old one is kept until the swap)."""
     weights = {name: p.detach().cpu().contiguous() for name, p in params.items()}
-    atomic_write(staging / "trainable.safetensors", lambda tmp: save_file(weights, str(tmp)))
-    atomic_write(staging / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(staging / "trainer_state.json", payload)
-    if final.exists():  # keep .old while it is the only complete checkpoint left
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(final, previous)
-    os.replace(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
+
+    def write(staging: Path) -> None:
+        atomic_write(staging / "trainable.safetensors", lambda tmp: save_file(weights, str(tmp)))
+        atomic_write(staging / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_json(staging / STATE_FILE, payload)
+
+    return replace_directory(directory / CHECKPOINT_DIR, write)
 
 
 def find_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The resumable checkpoint folder in ``output_dir`` (``checkpoint/``, or ``checkpoint.old/`` if a swap was cut short)."""
-    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
-        folder = Path(output_dir) / name
-        if (folder / "trainer_state.json").is_file():
-            return folder
-    return None
+    return complete_directory(
+        Path(output_dir) / CHECKPOINT_DIR, lambda folder: (folder / STATE_FILE).is_file()
+    )
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    payload = read_json(folder / "trainer_state.json", "trainer state")
+    payload = read_json(folder / STATE_FILE, "trainer state")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{folder} is not a {CHECKPOINT_FORMAT} checkpoint.")
     if payload.get("version") != CHECKPOINT_VERSION:

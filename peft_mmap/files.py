@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -124,6 +125,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON to ``path`` (NaN/inf refused)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _swap_names(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    final = Path(path)
+    return final, final.with_name(f"{final.name}.new"), final.with_name(f"{final.name}.old")
+
+
+def replace_directory(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Replace the folder ``path`` by the one ``write(staging)`` fills, keeping a complete version at all times.
+
+    ``write`` fills ``<path>.new/`` (through `atomic_write`, so with normal permissions); then the current
+    folder becomes ``<path>.old/``, ``<path>.new/`` becomes ``path``, and ``<path>.old/`` is removed. A crash
+    leaves ``path`` complete or, between the two renames, ``<path>.old/`` (`complete_directory` finds it).
+    For folders the library owns (training checkpoints); a save into a folder that may hold a user's other
+    files replaces a set of files instead (`peft_mmap.manifest.commit_staged`), since a swap would drop them.
+    """
+    final, staging, previous = _swap_names(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    if final.exists():  # keep .old while it is the only complete version left
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def complete_directory(path: str | os.PathLike, is_complete: Callable[[Path], bool]) -> Path | None:
+    """The complete version of a folder written by `replace_directory`: ``path``, else ``<path>.old/`` (a
+    swap cut short between its renames), else ``None``."""
+    final, _, previous = _swap_names(path)
+    return next((folder for folder in (final, previous) if is_complete(folder)), None)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int | None = None) -> Any:

@@ -37,6 +37,7 @@ Checkpoints (``output_dir/checkpoint/``, no pickle anywhere)
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -340,6 +341,7 @@ def train(
     config = config or TrainConfig()
     started = time.monotonic()
     ddp = _setup_distributed()
+    run = None
     try:
         run = _Run.start(model, datasets, config, output_dir, resume, device, ddp)
         run.run_epochs(progress, callback)
@@ -348,6 +350,12 @@ def train(
         )
     finally:
         if ddp.created_group:
+            # Free the DDP reducer while the group is still registered. Freed after `destroy_process_group`,
+            # the reducer drops the group's last reference, and the gloo group's destructor joins its worker
+            # threads with the GIL held; a worker still releasing a finished work needs the GIL, so both wait
+            # forever (seen: one torchrun worker hanging at exit, rarely, more often under CPU load).
+            del run
+            gc.collect()
             dist.destroy_process_group()
 
 

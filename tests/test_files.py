@@ -17,7 +17,15 @@ from peft_mmap.apps.bench import plot_shot_sweep
 from peft_mmap.apps.synthetic import generate_benchmark
 from peft_mmap.baselines import save_trainable
 from peft_mmap.evaluate import AVERAGE, write_results_json
-from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text, make_temp_dir, make_temp_file
+from peft_mmap.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    complete_directory,
+    make_temp_dir,
+    make_temp_file,
+    replace_directory,
+)
 from peft_mmap.multitask import MultiTaskMmAP
 from peft_mmap.train import TrainConfig, train
 
@@ -87,3 +95,39 @@ def test_every_output_of_the_library_follows_the_umask(tokenizer, tmp_path, mask
     assert MultiTaskMmAP.from_pretrained(make_clip(), root / "adapters", tokenizer=tokenizer)
     assert json.loads((root / "run" / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 1
     assert assert_umask_modes(root, mask) > 15
+
+
+def _has_marker(folder):
+    return (folder / "marker.txt").is_file()
+
+
+def test_replace_directory_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    target = tmp_path / "state"
+    replace_directory(target, lambda staging: atomic_write_text(staging / "marker.txt", "v1"))
+    replace_directory(target, lambda staging: atomic_write_text(staging / "marker.txt", "v2"))
+    assert (target / "marker.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no .new/.old left
+
+    def fail(staging):
+        atomic_write_text(staging / "marker.txt", "half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_directory(target, fail)
+    assert complete_directory(target, _has_marker) == target
+    assert (target / "marker.txt").read_text() == "v2"
+    replace_directory(target, lambda staging: atomic_write_text(staging / "marker.txt", "v3"))
+    assert (target / "marker.txt").read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_complete_directory_finds_the_old_folder_after_a_swap_cut_short(tmp_path):
+    target = tmp_path / "state"
+    assert complete_directory(target, _has_marker) is None
+    old = tmp_path / "state.old"  # a crash between the two renames: only .old (and .new) remain
+    atomic_write_text(old / "marker.txt", "v1")
+    atomic_write_text(tmp_path / "state.new" / "partial.txt", "x")
+    assert complete_directory(target, _has_marker) == old
+    replace_directory(target, lambda staging: atomic_write_text(staging / "marker.txt", "v2"))
+    assert complete_directory(target, _has_marker) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
