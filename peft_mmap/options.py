@@ -12,15 +12,9 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 LAYOUTS = ("generic", "officehome", "domainnet")
 """Dataset folder layouts (`peft_mmap.data.load_task_folders`)."""
 
-DEFAULT_PROMPT_LENGTH = 4
-"""``MmAPConfig.prompt_length`` (b): prompt tokens per layer and tower."""
-
-DEFAULT_SOURCE_SHAPE = (2, 8)
-"""``MmAPConfig.source_shape`` (m, n): shape of each layer's source prompt."""
-
 MMAP_CLI_FIELDS: dict[str, tuple[int | tuple[int, int] | None, str]] = {
-    "prompt_length": (DEFAULT_PROMPT_LENGTH, "b: prompt tokens per layer and tower; must be divisible by m"),
-    "source_shape": (DEFAULT_SOURCE_SHAPE, "[m, n]: shape of each layer's source prompt; n must divide both "
+    "prompt_length": (4, "b: prompt tokens per layer and tower; must be divisible by m"),
+    "source_shape": ((2, 8), "[m, n]: shape of each layer's source prompt; n must divide both "
                      "hidden sizes"),
     "depth": (None, "layers (from the input) that get new prompts; None = every layer both towers have"),
 }  # fmt: skip

@@ -12,9 +12,8 @@ import argparse
 
 import torch
 
-from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, cache_dir
+from peft_mmap.apps.demo import demo_benchmark
 from peft_mmap.apps.probe import measure_headroom
-from peft_mmap.apps.synthetic import generate_benchmark
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.data import scan_image_folder
 from peft_mmap.files import atomic_write_json
@@ -29,9 +28,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    root = args.data or generate_benchmark(
-        cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}", images_per_class=DEMO_IMAGES_PER_CLASS
-    )
+    root = args.data or demo_benchmark()
     result = measure_headroom(args.model, scan_image_folder(root), shots=args.shots, seeds=args.seeds)
     print(f"{args.shots}-shot linear probe vs zero-shot, seeds {args.seeds}:")
     print(f"{'task':<10} {'zero-shot':>9} {'probe':>7} {'gain':>6}")

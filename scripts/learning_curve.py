@@ -20,8 +20,7 @@ import time
 import torch
 
 from peft_mmap.apps.bench import Benchmark
-from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, cache_dir, demo_spec
-from peft_mmap.apps.synthetic import generate_benchmark
+from peft_mmap.apps.demo import cache_dir, demo_benchmark, demo_spec
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.data import scan_image_folder
 from peft_mmap.evaluate import AVERAGE, evaluate
@@ -56,11 +55,8 @@ def main() -> None:
     spec.mmap = dataclasses.replace(spec.mmap, **{k: v for k, v in mmap.items() if v is not None})
     if args.augment is not None:
         spec.augment = args.augment
-    root = generate_benchmark(
-        cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}", images_per_class=DEMO_IMAGES_PER_CLASS
-    )
     bench = Benchmark(
-        TINY_CLIP_PATH, scan_image_folder(root), spec, cache_dir() / "learning-curve", progress=False,
+        TINY_CLIP_PATH, scan_image_folder(demo_benchmark()), spec, cache_dir() / "learning-curve", progress=False,
         log=lambda line: None,
     )  # fmt: skip
     data = bench.seed_data(args.seed)
@@ -70,10 +66,11 @@ def main() -> None:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(args.seed)
     model = bench.build(args.method, args.seed, data.splits, DEMO_GROUPS, options)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vision_model" in name and "mmap_scale" in name:
-                param.mul_(args.vision_scale)
+    if args.vision_scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "vision_model" in name and "mmap_scale" in name:
+                    param.mul_(args.vision_scale)
     spe = steps_per_epoch({t: len(d) for t, d in data.train.items()}, config.batch_size)
     print(f"{args.method}: {config}")
     print(f"{'epoch':>5} {'loss':>6} {'train':>6} {'test':>6}  test per task")

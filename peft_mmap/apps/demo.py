@@ -40,6 +40,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PEFT_MMAP_CACHE", Path.home() / ".cache" / "peft_mmap"))
 
 
+def demo_benchmark(
+    data_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda line: None
+) -> Path:
+    """The demo's synthetic benchmark folder (``data_dir`` or the cache), generated there if missing."""
+    root = Path(data_dir) if data_dir else cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}"
+    log(f"synthetic benchmark: {root}")
+    return generate_benchmark(root, images_per_class=DEMO_IMAGES_PER_CLASS, seed=0)
+
+
 def demo_spec(
     quick: bool = False,
     seeds: Sequence[int] | None = None,
@@ -109,10 +118,7 @@ def run_demo(
     """Run the demo end to end; returns the ``results.json`` payload (see `peft_mmap.apps.bench.Benchmark.run`)."""
     started = time.monotonic()
     model_id = str(model or TINY_CLIP_PATH)
-    data_root = Path(data_dir) if data_dir else cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}"
-    log(f"synthetic benchmark: {data_root}")
-    generate_benchmark(data_root, images_per_class=DEMO_IMAGES_PER_CLASS, seed=0)
-    folders = scan_image_folder(data_root)
+    folders = scan_image_folder(demo_benchmark(data_dir, log))
     spec = demo_spec(quick, seeds, methods, device)
     bench = Benchmark(model_id, folders, spec, output_dir, progress=progress, log=log)
     results = bench.run()
