@@ -4,7 +4,8 @@
 # backward FLOPs and MFU of MmAP next to VPT-deep, CoOp, MaPLe and full fine-tuning, timed round-robin; serving
 # images/s of zero-shot CLIP and MmAP (task switching every call, and 4-task batches) at batches 1, 16 and 256;
 # the text-tower padding check. Everything goes to one JSON file, OUT/perf.json (the same tables in
-# OUT/perf.md, a torch.profiler summary of batch-1 serving in OUT/profile.md, nvidia-smi's view in OUT/gpu.txt).
+# OUT/perf.md; torch.profiler summaries of batch-1 serving and of one MmAP and one full fine-tuning training
+# step in OUT/profile.md; nvidia-smi's view in OUT/gpu.txt).
 #
 # Usage:   benchmarks/gpu.sh [OUT]                      (default: perf-gpu)
 # Env:     PEAK_TFLOPS    dense bf16 peak of the GPU in TFLOP/s (default 989: H100/H200 SXM)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,8 +244,18 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
     from peft_mmap.apps.cli import main
 
     options = "perf --arch tiny --batch 2 --infer-batches 1,2 --rounds 2 --warmup 0 --peak-tflops 1"
-    main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--output", str(tmp_path)])
+    main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--profile", "--output", str(tmp_path)])
     result = json.loads((tmp_path / "perf.json").read_text())
+    profile = (tmp_path / "profile.md").read_text()
+    for section in (
+        "zeroshot: 8 batch-1 calls",
+        "mmap: 8 batch-1 calls",
+        "mmap: one training step (batch 2)",
+    ):
+        assert f"## {section}" in profile
+    full_ft = profile.split("## full_ft: one training step (batch 2)")[1]
+    split = re.search(r"matrix products ([\d.]+) %, other ([\d.]+) % \(optimizer step", full_ft)
+    assert split and abs(float(split[1]) + float(split[2]) - 100) < 0.2
     _check_perf_json(result, {"mmap", "vpt_deep", "full_ft"}, [1, 2])
     report = (tmp_path / "perf.md").read_text()
     assert "| `mmap` |" in report and "| vpt_deep |" in report and "| 2 |" in report

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import itertools
 import statistics
@@ -401,30 +402,70 @@ class _Bench:
 
     def profile_serving(self, calls: int = 8, rows: int = 15) -> str:
         """``torch.profiler`` summary (top operators by self time) of batch-1 serving, zero-shot and MmAP."""
-        from torch.profiler import ProfilerActivity, profile
-
         models = self.serving_models()
         serving = self.serving_calls(models, 1)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         parts = []
         for name in ("zeroshot", "mmap"):
             for _ in range(len(self.tasks)):
                 serving[name]()  # warm-up: every task once
-            with profile(activities=activities) as prof:
-                for _ in range(calls):
-                    serving[name]()
-            events = prof.key_averages()
-            ops = sum(e.count for e in events if e.key.startswith("aten::"))
-            parts += [
-                f"## {name}: {calls} batch-1 calls, task switching, {ops / calls:.0f} aten ops per call",
-                "",
-                "```",
-                events.table(sort_by=sort, row_limit=rows),
-                "```",
-                "",
-            ]
+            title = f"{name}: {calls} batch-1 calls, task switching"
+            parts.append(profile_section(title, serving[name], calls, self.device, rows))
         return "\n".join(parts)
+
+    def profile_training(self, names: Sequence[str] = ("mmap", "full_ft"), rows: int = 15) -> str:
+        """``torch.profiler`` summary of one training step per method (after one warm-up step).
+
+        Each section says how the step's self time splits between matrix products (`MATMUL_OPS`, the work
+        the FLOP counter counts), the optimizer step and everything else (element-wise, normalisation,
+        copies): the part a FLOP ratio does not see.
+        """
+        parts = []
+        for name in names:
+            model = self.build_trainer(name)
+            optimizer = torch.optim.SGD(
+                [p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9
+            )
+            step = functools.partial(self.train_step, model, optimizer)
+            step()
+            parts.append(
+                profile_section(f"{name}: one training step (batch {self.batch})", step, 1, self.device, rows)
+            )
+            del model, optimizer, step
+            gc.collect()
+        return "\n".join(parts)
+
+
+#: Operators whose time is matrix-product work (what ``torch.utils.flop_counter`` counts).
+MATMUL_OPS = ("::mm", "::addmm", "::bmm", "::baddbmm", "convolution", "scaled_dot_product")
+
+
+def profile_section(
+    title: str, call: Callable[[], object], calls: int, device: torch.device, rows: int
+) -> str:
+    """Markdown section: ``calls`` calls of ``call`` under ``torch.profiler``, the self-time split, top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        _sync(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total = sum(getattr(e, attr) for e in ops) or 1.0
+    matmul = sum(getattr(e, attr) for e in ops if any(m in e.key for m in MATMUL_OPS))
+    optimizer = sum(getattr(e, attr) for e in events if e.key.startswith("Optimizer.step"))
+    count = sum(e.count for e in ops)
+    summary = (
+        f"{count / calls:.0f} aten ops per call; aten self time {total / 1e3 / calls:.1f} ms per call: "
+        f"matrix products {100 * matmul / total:.1f} %, other {100 * (total - matmul) / total:.1f} %"
+    )
+    if optimizer:
+        summary += f" (optimizer step, inclusive: {optimizer / 1e3 / calls:.1f} ms)"
+    table = events.table(sort_by=attr, row_limit=rows)
+    return "\n".join([f"## {title}", "", summary, "", "```", table, "```", ""])
 
 
 def run_benchmark(
@@ -685,7 +726,8 @@ def run_perf(args: argparse.Namespace) -> dict:
     report = markdown_report(result)
     atomic_write_text(args.output / "perf.md", report)
     if args.profile:
-        bench = _Bench(args.arch, torch.device(args.device), 1, args.precision)
-        atomic_write_text(args.output / "profile.md", bench.profile_serving())
+        serving = _Bench(args.arch, torch.device(args.device), 1, args.precision).profile_serving()
+        training = _Bench(args.arch, torch.device(args.device), args.batch, args.precision).profile_training()
+        atomic_write_text(args.output / "profile.md", f"{serving}\n{training}")
     print(report)
     return result
