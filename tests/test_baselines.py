@@ -18,8 +18,14 @@ TASKS = [
     TaskSpec("product", ["cup", "key", "bell", "car"]),
 ]
 GROUPS = [["art", "clipart"], ["product"]]
-#: Options that differ from the defaults in a few methods, to exercise them.
-OPTIONS = {"clip_adapter": {"per_task": True}, "mlp_prompts": {"mlp_hidden": 8}}
+#: Options that differ from the defaults in a few methods, to exercise them (CoOp: its default 16 context
+#: tokens do not fit the tiny text encoder's 20 positions with these class prompts).
+OPTIONS = {
+    "clip_adapter": {"per_task": True},
+    "mlp_prompts": {"mlp_hidden": 8},
+    "coop": {"n_ctx": 4},
+    "coop_mt": {"n_ctx": 4},
+}
 #: SGD learning rates that move each method in 10 steps (default 0.5).
 LEARNING_RATES = {"full_ft": 0.01, "full_ft_mt": 0.01, "clip_adapter": 5.0}
 #: Which parameter names each kind of method may train.
@@ -160,7 +166,7 @@ def test_zeroshot_equals_a_hand_computed_clip_classifier(tokenizer):
 
 
 @pytest.mark.parametrize("name", ["coop", "maple", "joint_prompts"])
-def test_prompted_text_features_do_not_depend_on_padding(name, tokenizer):
+def test_prompted_text_features_do_not_depend_on_padding(name, tokenizer, monkeypatch):
     model = build(name, tokenizer).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -168,13 +174,16 @@ def test_prompted_text_features_do_not_depend_on_padding(name, tokenizer):
                 p.add_(0.1 * torch.randn_like(p))
     for task in model.tasks:
         longest = model.task_tokens(task)
-        padded = tokenizer(
-            model.tasks[task].prompts, padding="max_length", max_length=20, return_tensors="pt"
-        )
-        assert padded["input_ids"].shape[1] > longest["input_ids"].shape[1]
         with model.for_task(task), torch.no_grad():
             short = model.encode_text(task)
-            long = model.clip_model.get_text_features(**padded).pooler_output
+        length = longest["input_ids"].shape[1] + 3  # leaves CoOp's context room in the 20 positions
+        padded = tokenizer(
+            model.tasks[task].prompts, padding="max_length", max_length=length, return_tensors="pt"
+        )
+        monkeypatch.setattr(model, "task_tokens", lambda task, padded=padded: dict(padded))
+        with model.for_task(task), torch.no_grad():
+            long = model.encode_text(task)
+        monkeypatch.undo()
         torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
 
 
@@ -237,3 +246,31 @@ def test_every_trained_method_has_a_recipe_and_valid_trainer_settings():
         config = TrainConfig(**spec.recipe.train)  # validates every field
         if name != "zeroshot":
             assert config.augment and spec.recipe.source, name
+
+
+@pytest.mark.parametrize(("name", "options"), [("coop", {}), ("maple_mt", {"prompt_length": 2, "depth": 1})])
+def test_a_context_from_the_template_words_starts_at_the_zero_shot_text_features(name, options, tokenizer):
+    """The context takes CLIP's positions 1..n and the class tokens follow it, as in CoOp's and MaPLe's
+    code; words of ``ctx_init`` past a MaPLe context stay in the prompt. Started from the zero-shot
+    template's words, the class text features are the zero-shot ones."""
+    phrase = "ab cd"
+    words = tokenizer(phrase, add_special_tokens=False)["input_ids"]
+    options = {"n_ctx": len(words), **options} if name == "coop" else options
+    tasks = [TaskSpec(t.name, t.classnames, f"{phrase} {{}}.") for t in TASKS]
+    zero_shot = build_method("zeroshot", make_clip(), tokenizer, tasks)
+    model = build_method(name, make_clip(), tokenizer, TASKS, ctx_init=phrase, **options).eval()
+    for task in tasks:
+        torch.testing.assert_close(model.text_features(task.name), zero_shot.text_features(task.name))
+    context = len(words) if name == "coop" else 2
+    assert (
+        len(tokenizer(model.tasks["art"].prompts[0])["input_ids"])
+        == len(tokenizer(tasks[0].prompts[0])["input_ids"]) - context
+    )
+
+
+def test_a_context_past_the_text_positions_is_refused(tokenizer):
+    model = build_method("coop", make_clip(), tokenizer, TASKS, n_ctx=16)
+    with pytest.raises(
+        ValueError, match=r"16 context tokens \+ class prompts of up to \d+ tokens .* 20 positions"
+    ):
+        model.text_features("art")

@@ -1,9 +1,10 @@
 """CoOp (Zhou et al., 2022): learnable text context shared by the classes of a task.
 
 Class prompt: ``[SOS, ctx_1, ..., ctx_n, class tokens, ".", EOS]`` -- the context replaces the template.
-The context is inserted before the first text encoder layer (shallow prompt); it carries no positional
-embedding and the class tokens keep CLIP's positions (see `peft_mmap.prompting`), which also removes
-CoOp's limit of ``n_ctx + class tokens <= 77``.
+As in CoOp's code, the context vectors are token embeddings: they get CLIP's position embeddings 1..n and
+the class tokens follow at n + 1.. (`peft_mmap.baselines.prompted.PromptClassifier`'s ``text_context``),
+so a context initialised from "a photo of a" starts exactly at zero-shot CLIP's "a photo of a <class>.".
+Context plus class prompt must fit the text encoder's positions (77 for CLIP).
 """
 
 from __future__ import annotations

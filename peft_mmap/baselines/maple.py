@@ -1,10 +1,11 @@
 """MaPLe (Khattak et al., 2023): deep text prompts, and vision prompts projected from them.
 
 Class prompt: ``[SOS, p_1, ..., p_b, class tokens, ".", EOS]`` at layer 0 (the prompts replace the
-template); at each of the first ``depth`` layers both towers get new prompts: text ``P^k`` ``(b, d_l)``
-and vision ``Linear_k(P^k)`` ``(b, d_v)``. Defaults: ``b=2``, ``depth=9`` (clipped to the layers both
-towers have), text prompts N(0, 0.02²); with ``ctx_init`` (e.g. "a photo of a") the first layer's text
-prompts start as the word embeddings of its first ``b`` tokens, as in MaPLe's code.
+template; like CoOp's context they take CLIP's positions 1..b); at each of the first ``depth`` layers
+both towers get new prompts: text ``P^k`` ``(b, d_l)`` and vision ``Linear_k(P^k)`` ``(b, d_v)``.
+Defaults: ``b=2``, ``depth=9`` (clipped to the layers both towers have), text prompts N(0, 0.02²); with
+``ctx_init`` (e.g. "a photo of a") the first layer's text prompts start as the word embeddings of its
+first ``b`` tokens and its other words stay in the prompt ("of a <class>."), as in MaPLe's code.
 """
 
 from __future__ import annotations

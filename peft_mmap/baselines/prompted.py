@@ -11,6 +11,7 @@ MaPLe prompts, ...). A task uses a list of units whose slots are placed in that 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -73,6 +74,11 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         make_unit: builds one unit from the model config.
         layout: how units map to tasks (see the module docstring).
         groups: task groups for the ``"grouped"`` layout (``None`` = one group of all tasks).
+        text_context: the units' first-layer text prompts are context *tokens* (CoOp, MaPLe): they get
+            CLIP's position embeddings ``1..n`` and the class prompt's tokens after SOS take positions from
+            ``n + 1``, so ``[SOS, ctx_1..ctx_n, class, ".", EOS]`` enters the encoder exactly as in CoOp's
+            and MaPLe's code (a context initialised from "a photo of a" starts as the zero-shot prompt).
+            Otherwise prompts carry no position and the class prompt keeps CLIP's positions.
     """
 
     def __init__(
@@ -83,10 +89,12 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         make_unit: Callable[[CLIPConfig], PromptUnit],
         layout: Layout,
         groups: Sequence[Sequence[str]] | None = None,
+        text_context: bool = False,
     ) -> None:
         specs = as_task_specs(tasks)
         super().__init__(clip, tokenizer, specs)
         self.layout = layout
+        self.text_context = text_context
         self.units_of = unit_layout(list(specs), layout, groups)
         clip.requires_grad_(False)
         device = next(clip.parameters()).device
@@ -107,7 +115,31 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
 
     def _slots(self, tower: Tower, layer: int) -> list[PromptSlot]:
         units = [self.units[name] for name in self._active]
-        return [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
+        slots = [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
+        if self.text_context and tower == "text" and layer == 0:
+            table = self.clip_model.text_model.embeddings.position_embedding.weight
+            offsets = itertools.accumulate([1] + [length for _, length in slots])
+            slots = [(p + table[o : o + n].to(p.dtype), n) for (p, n), o in zip(slots, offsets, strict=False)]
+        return slots
+
+    def encode_text(self, task: str) -> torch.Tensor:
+        """Class text features ``(C, D)``; with `text_context`, the class tokens follow the context's positions."""
+        if not self.text_context:
+            return super().encode_text(task)
+        tokens = self.task_tokens(task)
+        n_ctx = sum(self.units[name].lengths["text"] for name in self._active)
+        length = tokens["input_ids"].shape[1]
+        limit = self.clip_model.config.text_config.max_position_embeddings
+        if n_ctx + length > limit:
+            raise ValueError(
+                f"Task {task!r}: {n_ctx} context tokens + class prompts of up to {length} tokens (with SOS/EOS) "
+                f"exceed the text encoder's {limit} positions; use a shorter context or shorter class names."
+            )
+        device = tokens["input_ids"].device
+        positions = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_ctx + 1, n_ctx + length)])
+        return self.clip_model.get_text_features(
+            **tokens, position_ids=positions[None].to(device)
+        ).pooler_output
 
 
 def word_embeddings(clip: nn.Module, tokenizer: PreTrainedTokenizerBase, phrase: str) -> torch.Tensor:
@@ -135,6 +167,21 @@ def init_prefix(prompts: torch.Tensor, init: torch.Tensor | None) -> torch.Tenso
     return torch.cat([init[:k].detach().to(prompts.dtype), prompts[k:]])
 
 
-def class_name_tasks(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> list[TaskSpec]:
-    """The tasks with template ``"{}."``: learnable context replaces the hand-written template (CoOp, MaPLe)."""
-    return [TaskSpec(s.name, s.classnames, "{}.") for s in as_task_specs(tasks).values()]
+def context_tasks(
+    tasks: Sequence[TaskSpec] | dict[str, Sequence[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    n_ctx: int,
+    ctx_init: str | None = None,
+) -> list[TaskSpec]:
+    """The tasks with the class prompt that follows a learnable context of ``n_ctx`` tokens (CoOp, MaPLe).
+
+    The template is ``"{}."``: the context replaces the hand-written one. When ``ctx_init`` has more tokens
+    than the context, the rest stay as fixed words, as in MaPLe's code: a 2-token context from
+    "a photo of a" gives ``"of a {}."``, so the prompt starts as "a photo of a <class>.".
+    """
+    rest = ""
+    if ctx_init:
+        ids = tokenizer(ctx_init, add_special_tokens=False)["input_ids"]
+        rest = tokenizer.decode(ids[n_ctx:]).strip()
+    template = f"{rest} {{}}." if rest else "{}."
+    return [TaskSpec(s.name, s.classnames, template) for s in as_task_specs(tasks).values()]

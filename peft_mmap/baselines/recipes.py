@@ -39,7 +39,7 @@ _COOP = Recipe({**_AUGMENT, "lr": 0.002}, {"n_ctx": 4, "ctx_init": _PHOTO_CTX},
                source="CoOp (Zhou et al., 2022): SGD lr 0.002, context from 'a photo of a'")  # fmt: skip
 _MAPLE = Recipe({**_AUGMENT, "lr": 0.0035, "warmup_epochs": 1, "warmup_lr": 1e-5}, {"ctx_init": _PHOTO_CTX},
                 source="MaPLe (Khattak et al., 2023): SGD lr 0.0035, 1 warm-up epoch at 1e-5, "
-                       "first-layer context from 'a photo'")  # fmt: skip
+                       "first-layer context from 'a photo', then 'of a <class>.'")  # fmt: skip
 _VPT = Recipe({**_AUGMENT, "lr": 0.0035}, source="VPT-deep prompts with the shared SGD recipe")
 _SHARED = Recipe(_AUGMENT, source="the MmAP paper's SGD recipe (lr 0.0035)")
 

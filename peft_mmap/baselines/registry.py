@@ -20,13 +20,13 @@ from ..config import MmAPConfig
 from ..multitask import MultiTaskMmAP
 from .bitfit import BitFit, clip_bias_parameters
 from .clip_adapter import DEFAULT_RATIO, DEFAULT_REDUCTION, CLIPAdapter, clip_adapter_parameters
-from .coop import CoOpContext, coop_parameters
+from .coop import DEFAULT_N_CTX, CoOpContext, coop_parameters
 from .full_ft import FullFineTune, clip_parameters
 from .joint import JointPrompts, joint_parameters
-from .maple import MaPLePrompts, maple_parameters
+from .maple import DEFAULT_PROMPT_LENGTH, MaPLePrompts, maple_parameters
 from .mlp_prompts import MLPPrompts, mlp_parameters
 from .mmap_variants import DEFAULT_RANDOM_GROUPS, mmap_adapter_parameters, random_groups
-from .prompted import Layout, PromptClassifier, PromptUnit, class_name_tasks, count_units, word_embeddings
+from .prompted import Layout, PromptClassifier, PromptUnit, context_tasks, count_units, word_embeddings
 from .recipes import RECIPES, Recipe
 from .vpt import VPTPrompts, vpt_parameters
 from .zeroshot import ZeroShotCLIP
@@ -65,17 +65,24 @@ def _prompt_method(
     unit: Callable[..., PromptUnit],
     unit_parameters: Callable[..., int],
     layout: Layout,
-    class_names_only: bool = False,
+    context_length: Callable[..., int] | None = None,
 ) -> MethodSpec:
+    """``context_length(**options)``: tokens of the learnable text context that replaces the template
+    (CoOp, MaPLe; see `PromptClassifier`'s ``text_context``); ``None`` keeps each task's template."""
+
     def build(
         clip: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: Tasks, groups: Groups = None, **options
     ):
         ctx_init = options.pop("ctx_init", None)
         if ctx_init is not None:
             options["init"] = word_embeddings(clip, tokenizer, ctx_init)
-        specs = class_name_tasks(tasks) if class_names_only else tasks
+        if context_length is not None:
+            tasks = context_tasks(tasks, tokenizer, context_length(**options), ctx_init)
         grouping = groups if layout == "grouped" else None
-        return PromptClassifier(clip, tokenizer, specs, partial(unit, **options), layout, grouping)
+        unit_factory = partial(unit, **options)
+        return PromptClassifier(
+            clip, tokenizer, tasks, unit_factory, layout, grouping, text_context=context_length is not None
+        )
 
     def parameters(clip_config: CLIPConfig, num_tasks: int, num_groups: int | None = None, **options) -> int:
         options.pop("ctx_init", None)  # initial values do not change the count
@@ -153,6 +160,14 @@ def _adapter_parameters(
     return (num_tasks if per_task else 1) * clip_adapter_parameters(config, reduction)
 
 
+def _coop_context(n_ctx: int = DEFAULT_N_CTX, **_: object) -> int:
+    return n_ctx
+
+
+def _maple_context(prompt_length: int = DEFAULT_PROMPT_LENGTH, **_: object) -> int:
+    return prompt_length
+
+
 _SPECS = [
     _fixed_method(
         "zeroshot",
@@ -182,7 +197,7 @@ _SPECS = [
         CoOpContext,
         coop_parameters,
         "task",
-        class_names_only=True,
+        context_length=_coop_context,
     ),
     _prompt_method(
         "coop_mt",
@@ -191,7 +206,7 @@ _SPECS = [
         CoOpContext,
         coop_parameters,
         "shared",
-        class_names_only=True,
+        context_length=_coop_context,
     ),
     _prompt_method(
         "vpt",
@@ -216,7 +231,7 @@ _SPECS = [
         MaPLePrompts,
         maple_parameters,
         "task",
-        class_names_only=True,
+        context_length=_maple_context,
     ),
     _prompt_method(
         "maple_mt",
@@ -225,7 +240,7 @@ _SPECS = [
         MaPLePrompts,
         maple_parameters,
         "shared",
-        class_names_only=True,
+        context_length=_maple_context,
     ),
     _fixed_method(
         "clip_adapter",
