@@ -1,7 +1,7 @@
 """Learning curve of one method on the demo's benchmark: loss, clean-train and test accuracy per epoch.
 
-Usage: ``python scripts/learning_curve.py [--method mmap] [--epochs 5] [--augment | --no-augment] [--lr LR]
-[--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
+Usage: ``python scripts/learning_curve.py [--model DIR] [--method mmap] [--epochs 5] [--augment | --no-augment]
+[--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
 [--scale-init ones|zeros|normal] [--vision-scale FACTOR]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
@@ -32,6 +32,9 @@ DEMO_GROUPS = [["clipart", "photo"], ["painting", "sketch"]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default=str(TINY_CLIP_PATH), help="CLIP checkpoint (default: the shipped tiny CLIP)"
+    )
     parser.add_argument("--method", default="mmap", help="registry name (default mmap)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
@@ -56,7 +59,7 @@ def main() -> None:
     if args.augment is not None:
         spec.augment = args.augment
     bench = Benchmark(
-        TINY_CLIP_PATH, scan_image_folder(demo_benchmark()), spec, cache_dir() / "learning-curve", progress=False,
+        args.model, scan_image_folder(demo_benchmark()), spec, cache_dir() / "learning-curve", progress=False,
         log=lambda line: None,
     )  # fmt: skip
     data = bench.seed_data(args.seed)

@@ -1,6 +1,6 @@
 """Pretrain the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` (deterministic, CPU, about 25 minutes).
 
-Usage: ``python scripts/pretrain_tiny_clip.py [--output-dir DIR] [--seed 0] [--steps N]``.
+Usage: ``python scripts/pretrain_tiny_clip.py [--output-dir DIR] [--seed 0] [--steps N] [--image-size PX]``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ def main() -> None:
     )
     parser.add_argument("--num-pairs", type=int, default=None, help="image-caption pairs rendered")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input pixels, a multiple of 8 (default: the shipped 48)"
+    )
     args = parser.parse_args()
-    overrides = {k: v for k, v in (("steps", args.steps), ("num_pairs", args.num_pairs)) if v is not None}
+    given = {"steps": args.steps, "num_pairs": args.num_pairs, "image_size": args.image_size}
+    overrides = {k: v for k, v in given.items() if v is not None}
     report = pretrain_tiny_clip(args.output_dir, seed=args.seed, num_threads=args.threads, **overrides)
     print(f"saved to {args.output_dir}")
     print(f"run time: {report['train_seconds']:.1f} s, final loss {report['final_loss']:.4f}")

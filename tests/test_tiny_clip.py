@@ -160,3 +160,18 @@ def test_pretraining_reproduces_the_shipped_tokenizer(tmp_path: Path) -> None:
     for tower in ("text_config", "vision_config"):
         for key in ("hidden_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size"):
             assert rebuilt[tower].get(key) == shipped[tower].get(key), (tower, key)
+
+
+def test_pretraining_refuses_an_image_size_off_the_patch_grid(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"image_size=60: expected a positive multiple of the 8-pixel patch"):
+        pretrain_tiny_clip(tmp_path / "out", image_size=60)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_pretraining_image_size_sets_the_image_tokens(tmp_path: Path) -> None:
+    report = pretrain_tiny_clip(tmp_path, steps=1, batch_size=16, num_pairs=32, log_every=0, image_size=32)
+    model, processor = load_tiny_clip(tmp_path)
+    assert report["image_size"] == model.config.vision_config.image_size == 32
+    assert model.vision_model.embeddings.num_positions == (32 // 8) ** 2 + 1
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}

@@ -41,8 +41,9 @@ TINY_CLIP_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TEXT_LEN = 32
 _TOKENIZER_CAPTIONS = 16000
-_IMAGE_SIZE = 48
-_RENDER_SIZE = 64  # the synthetic benchmark's image size; the processor resizes to _IMAGE_SIZE
+#: The shipped model's input size (6 x 6 patches of 8 px + CLS = 37 image tokens per layer).
+DEFAULT_IMAGE_SIZE = 48
+_RENDER_SIZE = 64  # the synthetic benchmark's image size; the processor resizes to the model's
 # Share of each domain in the pretraining corpus (Photo, Clipart, Sketch, Painting).
 _DOMAIN_WEIGHTS = {"Photo": 0.35, "Clipart": 0.28, "Sketch": 0.22, "Painting": 0.15}
 _DOMAIN_TEMPLATES = {
@@ -146,9 +147,9 @@ def _render_batch(
     return torch.cat([processor(images=chunk, return_tensors="pt")["pixel_values"] for chunk in chunks])
 
 
-def _image_processor() -> CLIPImageProcessorPil:
+def _image_processor(image_size: int) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(
-        size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
 
 
@@ -188,7 +189,7 @@ def _train_tokenizer(captions: Sequence[str], vocab_size: int) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=kept, model_max_length=_MAX_TEXT_LEN)
 
 
-def _build_model(tokenizer: CLIPTokenizer, seed: int) -> CLIPModel:
+def _build_model(tokenizer: CLIPTokenizer, seed: int, image_size: int) -> CLIPModel:
     """A freshly initialised tiny ``CLIPModel`` whose text config matches ``tokenizer``'s special tokens."""
     text = {
         "vocab_size": len(tokenizer),
@@ -207,7 +208,7 @@ def _build_model(tokenizer: CLIPTokenizer, seed: int) -> CLIPModel:
         "intermediate_size": 512,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
-        "image_size": _IMAGE_SIZE,
+        "image_size": image_size,
         "patch_size": 8,
         "projection_dim": 128,
     }
@@ -280,15 +281,21 @@ def pretrain_tiny_clip(
     vocab_size: int = 1024,
     num_threads: int = 2,
     log_every: int = 100,
+    image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> dict[str, object]:
     """Pretrain the tiny CLIP from scratch on synthetic image–caption pairs and save it to ``output_dir``.
 
     Renders ``num_pairs`` pairs (uneven domain mix), trains the tokenizer on their captions, then runs
     ``steps`` AdamW steps of batch ``batch_size`` (cosine schedule with warm-up) on
-    `label_aware_clip_loss`. Deterministic for a given seed and thread count. Writes ``config.json``, ``model.safetensors``,
+    `label_aware_clip_loss`. ``image_size`` (a multiple of the 8-px patch) sets the image tokens per layer:
+    ``(image_size / 8)² + 1``. Deterministic for a given seed and thread count. Writes ``config.json``, ``model.safetensors``,
     tokenizer files, ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final
     loss, per-domain zero-shot accuracy), which is also returned.
     """
+    if image_size < 8 or image_size % 8:
+        raise ValueError(
+            f"Invalid image_size={image_size}: expected a positive multiple of the 8-pixel patch."
+        )
     if steps < 1 or batch_size < 2 or num_pairs < batch_size:
         raise ValueError(
             f"Invalid steps={steps}, batch_size={batch_size}, num_pairs={num_pairs}: expected "
@@ -300,12 +307,12 @@ def pretrain_tiny_clip(
     # The tokenizer always learns from the full-size caption corpus (captions are cheap to draw): BPE merges
     # of tied counts come out in a run-dependent order on small corpora, never on this one.
     tokenizer = _train_tokenizer(_caption_corpus(seed, _TOKENIZER_CAPTIONS)[2], vocab_size)
-    image_processor = _image_processor()
+    image_processor = _image_processor(image_size)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
     labels = torch.tensor([SYNTHETIC_CLASSES.index(c) for c in classes])
     text = tokenizer(captions, padding=True, return_tensors="pt")
-    model = _build_model(tokenizer, seed)
+    model = _build_model(tokenizer, seed, image_size)
     model.train()
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "embedding" in n)]
@@ -354,6 +361,7 @@ def pretrain_tiny_clip(
         "batch_size": batch_size,
         "num_pairs": num_pairs,
         "lr": lr,
+        "image_size": image_size,
         "vocab_size": len(tokenizer),
         "num_threads": num_threads,
         "torch_version": torch.__version__,
