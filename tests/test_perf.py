@@ -254,7 +254,9 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
     ):
         assert f"## {section}" in profile
     full_ft = profile.split("## full_ft: one training step (batch 2)")[1]
-    split = re.search(r"matrix products ([\d.]+) %, other ([\d.]+) % \(optimizer step", full_ft)
+    split = re.search(
+        r"matrix products [\d.]+ ms \(([\d.]+) %\), other [\d.]+ ms \(([\d.]+) %\) \(optimizer step", full_ft
+    )
     assert split and abs(float(split[1]) + float(split[2]) - 100) < 0.2
     _check_perf_json(result, {"mmap", "vpt_deep", "full_ft"}, [1, 2])
     report = (tmp_path / "perf.md").read_text()

@@ -655,7 +655,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (54-56 s on 2 quiet cores).",
+        help="a shorter run: one seed, 2 epochs, 4 methods (46-53 s on 2 quiet cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -761,7 +761,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 quiet CPU cores: 11-12 min; --quick: 54-56 s).",
+        "switching (measured on 2 quiet CPU cores: 9.5-11 min; --quick: 46-53 s).",
         add_demo_arguments,
         run_demo,
     ),

@@ -456,11 +456,13 @@ def profile_section(
     ops = [e for e in events if e.key.startswith("aten::")]
     total = sum(getattr(e, attr) for e in ops) or 1.0
     matmul = sum(getattr(e, attr) for e in ops if any(m in e.key for m in MATMUL_OPS))
-    optimizer = sum(getattr(e, attr) for e in events if e.key.startswith("Optimizer.step"))
+    inclusive = "device_time_total" if cuda else "cpu_time_total"
+    optimizer = sum(getattr(e, inclusive) for e in events if e.key.startswith("Optimizer.step"))
     count = sum(e.count for e in ops)
     summary = (
         f"{count / calls:.0f} aten ops per call; aten self time {total / 1e3 / calls:.1f} ms per call: "
-        f"matrix products {100 * matmul / total:.1f} %, other {100 * (total - matmul) / total:.1f} %"
+        f"matrix products {matmul / 1e3 / calls:.1f} ms ({100 * matmul / total:.1f} %), "
+        f"other {(total - matmul) / 1e3 / calls:.1f} ms ({100 * (total - matmul) / total:.1f} %)"
     )
     if optimizer:
         summary += f" (optimizer step, inclusive: {optimizer / 1e3 / calls:.1f} ms)"
