@@ -736,7 +736,8 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also write profile.md: torch.profiler summaries of batch-1 serving (zero-shot, MmAP) and of one training step (MmAP, full fine-tuning).",
+        help="also write profile.md: torch.profiler summaries of batch-1 serving (zero-shot, MmAP) and of "
+        "one training step (MmAP, full fine-tuning).",
     )
     parser.add_argument(
         "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
