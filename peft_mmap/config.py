@@ -159,16 +159,37 @@ class MmAPConfig(PeftConfig):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs
     ) -> MmAPConfig:
-        """Load ``adapter_config.json`` (PEFT's loader); in a local folder, also validate the weights file.
+        """Load ``adapter_config.json`` (PEFT's loader) and validate the adapter's weights file.
 
         ``PeftModel.from_pretrained`` and ``load_adapter`` call this before PEFT injects the adapter and reads
         ``adapter_model.safetensors``; checking the file's header here turns a truncated or corrupted file into
         a ``ValueError`` that names it, instead of safetensors' bare "Error while deserializing header". The
         weights' shapes are kept on the returned object (``checkpoint_shapes``, not a saved field), so that
-        `MmAPModel.inject_adapter` refuses a checkpoint that does not fit the model before changing it.
+        `MmAPModel.inject_adapter` refuses a checkpoint that does not fit the model before changing it. For
+        a Hub repository the weights file is fetched here (PEFT then finds it in the cache); a repository
+        without it is left to PEFT's own loader.
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
-        if weights.is_file():
+        if Path(pretrained_model_name_or_path).is_dir():
+            weights = Path(pretrained_model_name_or_path, subfolder or "", SAFETENSORS_WEIGHTS_NAME)
+        else:
+            weights = _hub_weights(str(pretrained_model_name_or_path), subfolder, kwargs)
+        if weights is not None and weights.is_file():
             config.checkpoint_shapes = check_safetensors(weights, "MmAP adapter weights file")
         return config
+
+
+def _hub_weights(repo_id: str, subfolder: str | None, kwargs: dict) -> Path | None:
+    """The local copy of a Hub adapter's ``adapter_model.safetensors``, or ``None`` if there is none.
+
+    Uses the download options PEFT passes on (``revision``, ``cache_dir``, ``token``), so PEFT's own download
+    of the same file right after is a cache hit.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    options = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if kwargs.get(k) is not None}
+    try:
+        return Path(hf_hub_download(repo_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **options))
+    except EntryNotFoundError:  # no safetensors file in the repository, or offline and not cached
+        return None

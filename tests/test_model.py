@@ -375,6 +375,56 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_the_model_is_to
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
+def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monkeypatch):
+    """``PeftModel.from_pretrained(base, "user/repo")`` with a config saved without ``tower_sizes``: the
+    weights file is fetched with the config, so a misfit is refused before injection and a damaged file is
+    named (the Hub is a local folder served through ``hf_hub_download``)."""
+    import huggingface_hub
+    import peft.config
+
+    get_peft_model(OTHER_BASES["wider-text"][0](), CFG).save_pretrained(tmp_path)
+    _forget_tower_sizes(tmp_path)
+    fetched = []
+
+    def download(repo_id, filename, subfolder=None, **kwargs):
+        assert repo_id == "user/mmap-adapter", repo_id
+        fetched.append(filename)
+        return str(tmp_path / (subfolder or "") / filename)
+
+    monkeypatch.setattr(peft.config, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    base = make_clip()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this base model .*expects \(2, 4\)"):
+        PeftModel.from_pretrained(base, "user/mmap-adapter")
+    assert "adapter_model.safetensors" in fetched
+    assert not any(isinstance(m, MmAPLayer) for m in base.modules())
+    assert base.state_dict().keys() == state.keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"MmAP adapter weights file .*adapter_model\.safetensors"):
+        PeftModel.from_pretrained(make_clip(), "user/mmap-adapter")
+
+
+def test_a_hub_repository_without_safetensors_weights_is_left_to_peft(tmp_path, monkeypatch):
+    import huggingface_hub
+    import peft.config
+    from huggingface_hub.errors import EntryNotFoundError
+
+    get_peft_model(make_clip(), CFG).save_pretrained(tmp_path)
+
+    def download(repo_id, filename, subfolder=None, **kwargs):
+        if filename == "adapter_model.safetensors":
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(peft.config, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    config = MmAPConfig.from_pretrained("user/mmap-adapter")
+    assert config.prompt_length == CFG.prompt_length and not hasattr(config, "checkpoint_shapes")
+
+
 # ---- PEFT conformance: the expectations PEFT's own tests check for LoRA --------------------------------
 METHODS = {
     "lora": lambda: LoraConfig(target_modules=["q_proj", "v_proj"], r=2),
