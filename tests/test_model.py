@@ -375,13 +375,19 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_the_model_is_to
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
+def _serve_hub(monkeypatch, download):
+    """Route PEFT's and our ``hf_hub_download`` calls to ``download(repo_id, filename, subfolder, **kw)``."""
+    import huggingface_hub
+    import peft.config
+
+    monkeypatch.setattr(peft.config, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
 def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monkeypatch):
     """``PeftModel.from_pretrained(base, "user/repo")`` with a config saved without ``tower_sizes``: the
     weights file is fetched with the config, so a misfit is refused before injection and a damaged file is
     named (the Hub is a local folder served through ``hf_hub_download``)."""
-    import huggingface_hub
-    import peft.config
-
     get_peft_model(OTHER_BASES["wider-text"][0](), CFG).save_pretrained(tmp_path)
     _forget_tower_sizes(tmp_path)
     fetched = []
@@ -391,8 +397,7 @@ def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monke
         fetched.append(filename)
         return str(tmp_path / (subfolder or "") / filename)
 
-    monkeypatch.setattr(peft.config, "hf_hub_download", download)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    _serve_hub(monkeypatch, download)
     base = make_clip()
     state = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match=r"does not fit this base model .*expects \(2, 4\)"):
@@ -408,8 +413,6 @@ def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monke
 
 
 def test_a_hub_repository_without_safetensors_weights_is_left_to_peft(tmp_path, monkeypatch):
-    import huggingface_hub
-    import peft.config
     from huggingface_hub.errors import EntryNotFoundError
 
     get_peft_model(make_clip(), CFG).save_pretrained(tmp_path)
@@ -419,8 +422,7 @@ def test_a_hub_repository_without_safetensors_weights_is_left_to_peft(tmp_path, 
             raise EntryNotFoundError(f"{filename} is not in {repo_id}")
         return str(tmp_path / filename)
 
-    monkeypatch.setattr(peft.config, "hf_hub_download", download)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    _serve_hub(monkeypatch, download)
     config = MmAPConfig.from_pretrained("user/mmap-adapter")
     assert config.prompt_length == CFG.prompt_length and not hasattr(config, "checkpoint_shapes")
 
