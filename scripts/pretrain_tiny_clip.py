@@ -1,4 +1,4 @@
-"""Pretrain the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` (deterministic, CPU, about 25 minutes).
+"""Pretrain the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` (deterministic, CPU, about 40 minutes on 2 cores).
 
 Usage: ``python scripts/pretrain_tiny_clip.py [--output-dir DIR] [--seed 0] [--steps N] [--image-size PX]``.
 """
