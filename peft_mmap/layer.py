@@ -220,14 +220,24 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         pass the first two to every layer through forward pre-hooks, as PEFT passes LoRA's ``adapter_names``.
         """
         if self.disable_adapters:
-            slots = []
+            slots, names = [], ()
         elif routes is not None:
             slots = self._routed_slots(routes, hidden_states)
+            names = tuple(name for route in routes for name in route.names)
         else:
-            names = self.active_adapters if adapter_names is None else adapter_names
-            slots = self._active_slots(tuple(names), hidden_states)
+            names = tuple(self.active_adapters if adapter_names is None else adapter_names)
+            slots = self._active_slots(names, hidden_states)
+        following = self.layer_index + 1
+        depths = self._shared.depths
         return forward_with_prompt_slots(
-            self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
+            self.base_layer,
+            hidden_states,
+            attention_mask,
+            self.layer_index,
+            self.num_layers,
+            slots,
+            next_layer_replaces=following < self.num_layers and all(depths[n] > following for n in names),
+            **kwargs,
         )
 
     def __repr__(self) -> str:

@@ -59,6 +59,11 @@ PERF_METHODS: dict[str, tuple[str, dict]] = {
     "coop": ("coop_mt", {}),
     "maple": ("maple_mt", {}),
     "full_ft": ("full_ft_mt", {}),
+    "mmap_all_rows": ("mmap", {}),
 }
 """Training methods ``peft-mmap perf`` times: perf name -> (registry name, builder options; ``"2b"`` =
-MmAP's tokens per layer)."""
+MmAP's tokens per layer). ``mmap_all_rows`` is MmAP also computing the layer outputs at the prompt positions
+that the next layer discards (`peft_mmap.prompting.computing_prompt_rows`): what skipping them saves."""
+
+PERF_ALL_ROWS = "mmap_all_rows"
+"""The `PERF_METHODS` entry that runs under `peft_mmap.prompting.computing_prompt_rows`."""

@@ -11,6 +11,14 @@ callback for the slots (the prompt baselines). At every layer:
 * after the last layer all prompt tokens are removed, so pooling and every shape outside the encoder are
   CLIP's own.
 
+A layer's outputs at the prompt positions are read only when the next layer lets a slot flow through: when
+the next layer replaces every slot, or after the last layer, they are discarded. Such a layer computes only
+the other rows (`forward_keeping_sequence_rows`): the prompts still give keys and values, but their queries,
+attention output, out-projection and MLP are skipped. With full-depth deep prompts that removes every
+prompt row from all of that work (MmAP on ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class
+prompt in the text tower). Results are those of the full computation up to floating-point rounding;
+`computing_prompt_rows` turns the skipping off (the reference in tests and benchmarks).
+
 Inserted tokens get no positional embedding (they enter after the embedding layer, and after
 ``pre_layrnorm`` in the vision tower), as in MmAP, VPT-deep and MVLPT. For learnable prompts this loses no
 generality: a fixed positional embedding added to a free vector is a reparametrisation of that vector.
@@ -18,12 +26,16 @@ generality: a fixed positional embedding added to a free vector is a reparametri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import CLIPConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, eager_attention_forward
 
 Tower = Literal["text", "vision"]
 
@@ -71,6 +83,21 @@ def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.
     return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
 
 
+#: Whether layers whose prompt outputs are discarded skip computing them (see the module docstring).
+_SKIP_DISCARDED_ROWS = contextvars.ContextVar("peft_mmap_skip_discarded_rows", default=True)
+
+
+@contextlib.contextmanager
+def computing_prompt_rows() -> Iterator[None]:
+    """Within the block, every layer also computes its outputs at the prompt positions, even those that are
+    discarded (the plain computation the row-skipping path is tested and benchmarked against)."""
+    token = _SKIP_DISCARDED_ROWS.set(False)
+    try:
+        yield
+    finally:
+        _SKIP_DISCARDED_ROWS.reset(token)
+
+
 def forward_with_prompt_slots(
     base_layer: nn.Module,
     hidden_states: torch.Tensor,
@@ -78,19 +105,27 @@ def forward_with_prompt_slots(
     layer_index: int,
     num_layers: int,
     slots: list[PromptSlot],
+    next_layer_replaces: bool = False,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Run one CLIP encoder layer with deep prompt slots spliced in after position 0.
 
     At layer 0 every slot's tokens are inserted after CLS/SOS; at a later layer each slot is replaced by
     its new tokens (or flows through when they are ``None``); after the last layer all prompt tokens are
-    removed again. ``hidden_states``: ``(B, L, d)`` at layer 0, ``(B, L + T, d)`` after it, with ``T`` the
-    total slot length; returns the same layout (``(B, L, d)`` after the last layer).
+    removed again. ``next_layer_replaces``: the next layer gives new tokens to every slot, so this layer's
+    outputs at the prompt positions are never read; it returns the other rows only (and the next layer,
+    whose slots all have tokens, expects exactly that).
+
+    ``hidden_states``: ``(B, L, d)`` at layer 0 and after a layer that dropped the prompt rows, else
+    ``(B, L + T, d)``, with ``T`` the total slot length. Returns ``(B, L, d)`` after the last layer or when
+    ``next_layer_replaces``, else ``(B, L + T, d)``.
     """
     if not slots:
         return base_layer(hidden_states, attention_mask, **kwargs)
+    skip = _SKIP_DISCARDED_ROWS.get()
     batch = hidden_states.shape[0]
     total = sum(length for _, length in slots)
+    has_prompt_rows = layer_index > 0 and not (skip and all(p is not None for p, _ in slots))
     pieces, offset = [hidden_states[:, :1]], 1
     for prompts, length in slots:
         if prompts is None:
@@ -99,16 +134,83 @@ def forward_with_prompt_slots(
             prompts = hidden_states[:, offset : offset + length]
         pieces.append(prompts.to(hidden_states.dtype).expand(batch, -1, -1))
         offset += length
-    rest = hidden_states[:, 1:] if layer_index == 0 else hidden_states[:, 1 + total :]
+    rest = hidden_states[:, 1 + total :] if has_prompt_rows else hidden_states[:, 1:]
     hidden_states = torch.cat([*pieces, rest], dim=1)
-    out = base_layer(hidden_states, expand_attention_mask(attention_mask, total), **kwargs)
-    if layer_index == num_layers - 1:
-        out = torch.cat([out[:, :1], out[:, 1 + total :]], dim=1)
-    return out
+    mask = expand_attention_mask(attention_mask, total)
+    if layer_index == num_layers - 1 or (skip and next_layer_replaces):
+        rows = slice(1, 1 + total)
+        if skip and _can_skip_rows(base_layer, mask, kwargs):
+            return forward_keeping_sequence_rows(base_layer, hidden_states, mask, rows, **kwargs)
+        return _without_rows(base_layer(hidden_states, mask, **kwargs), rows)
+    return base_layer(hidden_states, mask, **kwargs)
+
+
+def _without_rows(tensor: torch.Tensor, rows: slice, dim: int = 1) -> torch.Tensor:
+    """``tensor`` without the positions ``rows`` along ``dim``."""
+    before = tensor.narrow(dim, 0, rows.start)
+    after = tensor.narrow(dim, rows.stop, tensor.shape[dim] - rows.stop)
+    return torch.cat([before, after], dim=dim)
+
+
+def _can_skip_rows(layer: nn.Module, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
+    """Whether `forward_keeping_sequence_rows` computes exactly what ``layer(hidden, mask, **kwargs)`` does.
+
+    It re-states transformers' ``CLIPEncoderLayer``/``CLIPAttention`` forward, so it is used only for those
+    exact classes, without forward hooks on them, with eager or sdpa attention, a ``None`` or 4-D mask, and
+    no attention maps or hidden states being recorded (they would miss the skipped rows).
+    """
+    attn = getattr(layer, "self_attn", None)
+    return (
+        type(layer).forward is CLIPEncoderLayer.forward
+        and type(attn).forward is CLIPAttention.forward
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn))
+        and attn.config._attn_implementation in ("eager", "sdpa")
+        and (mask is None or mask.dim() == 4)
+        and not kwargs.get("output_attentions")
+        and not kwargs.get("output_hidden_states")
+    )
+
+
+def forward_keeping_sequence_rows(
+    layer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, rows: slice, **kwargs: Any
+) -> torch.Tensor:
+    """``layer(hidden_states, mask)`` without the positions ``rows``, computed without their queries.
+
+    ``layer`` is a ``CLIPEncoderLayer`` (see `_can_skip_rows`); ``hidden_states``: ``(B, S, d)``; ``mask``:
+    ``None`` or ``(B, 1, S or 1, S)``. Every position still gives keys and values; only the other ``S -
+    len(rows)`` positions get queries, attention output, out-projection and MLP. Returns ``(B, S - len(rows),
+    d)``.
+    """
+    attn = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    kept = length - (rows.stop - rows.start)
+    normed = layer.layer_norm1(hidden_states)
+
+    def heads(states: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, head_dim)
+        return states.view(batch, states.shape[1], -1, attn.head_dim).transpose(1, 2)
+
+    queries = heads(attn.q_proj(_without_rows(normed, rows)))
+    keys, values = heads(attn.k_proj(normed)), heads(attn.v_proj(normed))
+    if mask is None and kwargs.get("is_causal"):  # sdpa text tower without padding: make the mask explicit
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).tril()
+        mask = torch.zeros(length, length, dtype=queries.dtype, device=hidden_states.device)
+        mask = mask.masked_fill(~causal, torch.finfo(queries.dtype).min)[None, None]
+    kwargs = {**kwargs, "is_causal": False}
+    if mask is not None and mask.shape[-2] > 1:
+        mask = _without_rows(mask, rows, dim=-2)
+    implementation = attn.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    dropout = attn.dropout if attn.training else 0.0
+    attended, _ = interface(attn, queries, keys, values, mask, scaling=attn.scale, dropout=dropout, **kwargs)
+    attended = attn.out_proj(attended.reshape(batch, kept, -1).contiguous())
+    hidden = _without_rows(hidden_states, rows) + attended
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 #: ``slots(layer_index) -> [slot, ...]`` for one tower, in slot order; ``[]`` = no prompts at all.
 SlotFn = Callable[[int], list[PromptSlot]]
+#: ``replaces(layer_index) -> bool``: every slot of ``slots(layer_index)`` has new tokens (none flows through).
+ReplacesFn = Callable[[int], bool]
 
 
 class DeepPromptLayer(nn.Module):
@@ -120,32 +222,46 @@ class DeepPromptLayer(nn.Module):
         num_layers: number of layers of the encoder.
         slots: callback giving the prompt slots of this layer (see `SlotFn`); it must give the same slot
             lengths at every layer of one forward pass.
+        replaces: callback saying whether a layer replaces every slot (see `ReplacesFn`), without computing
+            the prompts; it must agree with ``slots``.
     """
 
-    def __init__(self, base_layer: nn.Module, layer_index: int, num_layers: int, slots: SlotFn) -> None:
+    def __init__(
+        self, base_layer: nn.Module, layer_index: int, num_layers: int, slots: SlotFn, replaces: ReplacesFn
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.layer_index = layer_index
         self.num_layers = num_layers
         self.slots = slots
+        self.replaces = replaces
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
         """See `forward_with_prompt_slots`."""
         slots = self.slots(self.layer_index)
+        following = self.layer_index + 1
+        next_replaces = bool(slots) and following < self.num_layers and self.replaces(following)
         return forward_with_prompt_slots(
-            self.base_layer, hidden_states, attention_mask, self.layer_index, self.num_layers, slots, **kwargs
+            self.base_layer,
+            hidden_states,
+            attention_mask,
+            self.layer_index,
+            self.num_layers,
+            slots,
+            next_layer_replaces=next_replaces,
+            **kwargs,
         )
 
 
-def install_deep_prompts(encoder: nn.Module, slots: SlotFn) -> None:
+def install_deep_prompts(encoder: nn.Module, slots: SlotFn, replaces: ReplacesFn) -> None:
     """Wrap every layer of a ``CLIPEncoder`` (``encoder.layers``) in a `DeepPromptLayer` calling ``slots``."""
     layers = encoder.layers
     for index, layer in enumerate(layers):
         if isinstance(layer, DeepPromptLayer):
             raise ValueError("This CLIP encoder already has deep prompts installed; use a fresh CLIPModel.")
-        layers[index] = DeepPromptLayer(layer, index, len(layers), slots)
+        layers[index] = DeepPromptLayer(layer, index, len(layers), slots, replaces)
 
 
 def tower_encoders(clip: nn.Module) -> dict[Tower, nn.Module]:

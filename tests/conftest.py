@@ -53,6 +53,25 @@ def make_clip(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> 
     return model
 
 
+def mmap_with_random_prompts(clip: CLIPModel, names: tuple[str, ...] = ("group0", "art"), **cfg):
+    """``clip`` with MmAP adapters ``names`` (b=4, m×n=2×8), all active, every factor drawn from N(0, 1) so that
+    every entry of kron(M, P) differs."""
+    from peft import get_peft_model
+
+    from peft_mmap import MmAPConfig
+
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8), **cfg)
+    model = get_peft_model(clip, config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    model.base_model.set_adapter(list(names))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return model
+
+
 @pytest.fixture
 def clip() -> CLIPModel:
     return make_clip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from peft_mmap.baselines import METHODS, build_method, load_trainable, save_trai
 from peft_mmap.baselines.mmap_variants import random_groups
 from peft_mmap.classifier import TaskSpec
 from peft_mmap.multitask import MultiTaskMmAP
+from peft_mmap.prompting import computing_prompt_rows
 
 TASKS = [
     TaskSpec("art", ["cat", "dog", "bird"]),
@@ -36,6 +39,10 @@ TRAINABLE = {
     "clip_adapter": lambda n: n.startswith("adapters."),
     "bitfit": lambda n: n.endswith(".bias"),
 }
+
+
+#: Methods without deep prompts.
+UNPROMPTED = {"zeroshot", "full_ft", "full_ft_mt", "clip_adapter", "bitfit"}
 
 
 def expected_trainable(method: str, name: str) -> bool:
@@ -81,6 +88,22 @@ def test_logit_shapes_for_one_task_and_mixed_tasks(name, tokenizer):
         single = model(pixels[i : i + 1], task)[0]
         torch.testing.assert_close(mixed[i, : single.shape[0]], single, atol=1e-5, rtol=1e-5)
         assert torch.isinf(mixed[i, single.shape[0] :]).all()
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in UNPROMPTED])
+def test_skipping_discarded_prompt_rows_changes_no_loss_or_gradient(name, tokenizer):
+    model = build(name, tokenizer).train()
+    data = separable_data()
+    results = []
+    for context in (contextlib.nullcontext, computing_prompt_rows):
+        model.zero_grad()
+        with context():
+            loss = task_loss(model, data)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 1
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "zeroshot"])

@@ -5,24 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LAYERS, make_clip
-from peft import get_peft_model
+from conftest import mmap_with_random_prompts as _mmap
 
-from peft_mmap import MmAPConfig, MmAPLayer
+from peft_mmap import MmAPLayer
 from peft_mmap.prompting import expand_attention_mask
-
-
-def _mmap(clip, names=("group0", "art"), **cfg):
-    config = MmAPConfig(prompt_length=4, source_shape=(2, 8), **cfg)
-    model = get_peft_model(clip, config, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, config)
-    model.base_model.set_adapter(list(names))
-    # Non-trivial scales so that every entry of kron(M, P) differs.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_()
-    return model
 
 
 def _capture_layer_inputs(model):

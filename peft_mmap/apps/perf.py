@@ -7,7 +7,8 @@ download). Measured side by side:
   (momentum 0.9), the text tower included (the 65 Office-Home class prompts of the task), for ``mmap`` (2
   groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same
   ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
-  backbone). Each method's forward and backward FLOPs are counted by ``torch.utils.flop_counter`` on its
+  backbone), and ``mmap_all_rows`` (MmAP also computing the layer outputs at prompt positions that are
+  discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted by ``torch.utils.flop_counter`` on its
   first step (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs
   about its forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's
   time ratio to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP,
@@ -56,8 +57,9 @@ from ..classifier import CLIPTaskClassifier, TaskSpec
 from ..config import MmAPConfig
 from ..data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
 from ..files import atomic_write_json, atomic_write_text
-from ..options import PERF_INFER_BATCHES, TINY_ARCH
+from ..options import PERF_ALL_ROWS, PERF_INFER_BATCHES, TINY_ARCH
 from ..options import PERF_METHODS as TRAIN_METHODS
+from ..prompting import computing_prompt_rows
 from ..train import autocast
 from .params import clip_config
 
@@ -318,8 +320,15 @@ class _Bench:
             model = self.build_trainer(name)
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
-            result[name] = self.counted_step(model, optimizer)
-            steps[name] = lambda model=model, optimizer=optimizer: self.train_step(model, optimizer)
+            rows = computing_prompt_rows if name == PERF_ALL_ROWS else contextlib.nullcontext
+            with rows():
+                result[name] = self.counted_step(model, optimizer)
+
+            def step(model=model, optimizer=optimizer, rows=rows) -> None:
+                with rows():
+                    self.train_step(model, optimizer)
+
+            steps[name] = step
         times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device, self.log)
         for name, entry in result.items():
             entry["seconds"] = times[name]

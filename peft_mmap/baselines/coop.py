@@ -21,7 +21,7 @@ DEFAULT_N_CTX, DEFAULT_INIT_STD = 16, 0.02
 
 
 class CoOpContext(PromptUnit):
-    """``n_ctx`` learnable text tokens ``(n_ctx, d_l)``. Parameters: ``n_ctx * d_l``.
+    """``n_ctx`` learnable text tokens ``(n_ctx, d_l)`` at the first layer. Parameters: ``n_ctx * d_l``.
 
     Initialised N(0, init_std²); with ``init`` (the word embeddings of a phrase such as "a photo of a",
     CoOp's ``ctx_init``, see `peft_mmap.baselines.prompted.word_embeddings`) its first tokens start as them.
@@ -36,11 +36,12 @@ class CoOpContext(PromptUnit):
     ):
         super().__init__()
         self.lengths = {"text": n_ctx, "vision": 0}
+        self.depth = 1
         ctx = torch.randn(n_ctx, config.text_config.hidden_size) * init_std
         self.ctx = nn.Parameter(init_prefix(ctx, init))
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        return self.ctx if tower == "text" and layer == 0 else None
+        return self.ctx if self.prompted(tower, layer) else None
 
 
 def coop_parameters(config: CLIPConfig, n_ctx: int = DEFAULT_N_CTX) -> int:

@@ -36,7 +36,7 @@ class JointPrompts(PromptUnit):
         self.vision = nn.Parameter(torch.randn(*shape, config.vision_config.hidden_size) * DEFAULT_INIT_STD)
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        if layer >= self.depth:
+        if not self.prompted(tower, layer):
             return None
         return (self.text if tower == "text" else self.vision)[layer]
 

@@ -44,7 +44,7 @@ class MaPLePrompts(PromptUnit):
         self.projections = nn.ModuleList(nn.Linear(d_l, d_v) for _ in range(self.depth))
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        if layer >= self.depth:
+        if not self.prompted(tower, layer):
             return None
         return self.text[layer] if tower == "text" else self.projections[layer](self.text[layer])
 

@@ -53,7 +53,7 @@ class MLPPrompts(PromptUnit):
         self.to_vision = _generator(d_s, config.vision_config.hidden_size, mlp_hidden)
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        if layer >= self.depth:
+        if not self.prompted(tower, layer):
             return None
         return (self.to_text if tower == "text" else self.to_vision)(self.source[layer])
 

@@ -33,9 +33,16 @@ class PromptUnit(nn.Module):
 
     #: Prompt tokens per layer in each tower (0 = this unit does not prompt that tower).
     lengths: dict[Tower, int]
+    #: The unit gives new tokens at layers ``0 .. depth - 1`` of each tower it prompts; later layers let its
+    #: slot flow through.
+    depth: int
+
+    def prompted(self, tower: Tower, layer: int) -> bool:
+        """Whether `prompts` gives new tokens at ``layer`` of ``tower`` (else it gives ``None``)."""
+        return self.lengths[tower] > 0 and layer < self.depth
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        """New prompt tokens ``(lengths[tower], d_tower)`` at ``layer``, or ``None`` past the unit's depth."""
+        """New prompt tokens ``(lengths[tower], d_tower)`` at ``layer``, or ``None`` unless `prompted`."""
         raise NotImplementedError
 
 
@@ -102,7 +109,11 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         self.units = nn.ModuleDict({n: make_unit(clip.config).to(device) for n in names})
         self._active: list[str] = self.units_of[next(iter(specs))]
         for tower, encoder in tower_encoders(clip).items():
-            install_deep_prompts(encoder, lambda layer, tower=tower: self._slots(tower, layer))
+            install_deep_prompts(
+                encoder,
+                lambda layer, tower=tower: self._slots(tower, layer),
+                lambda layer, tower=tower: self._replaces(tower, layer),
+            )
 
     @contextlib.contextmanager
     def for_task(self, task: str) -> Iterator[None]:
@@ -121,6 +132,11 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
             offsets = itertools.accumulate([1] + [length for _, length in slots])
             slots = [(p + table[o : o + n].to(p.dtype), n) for (p, n), o in zip(slots, offsets, strict=False)]
         return slots
+
+    def _replaces(self, tower: Tower, layer: int) -> bool:
+        """Whether every slot of `_slots` ``(tower, layer)`` gets new tokens (none flows through)."""
+        units = [self.units[name] for name in self._active]
+        return all(u.prompted(tower, layer) for u in units if u.lengths[tower])
 
     def encode_text(self, task: str) -> torch.Tensor:
         """Class text features ``(C, D)``; with `text_context`, the class tokens follow the context's positions."""

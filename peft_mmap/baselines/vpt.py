@@ -38,7 +38,7 @@ class VPTPrompts(PromptUnit):
         )
 
     def prompts(self, tower: Tower, layer: int) -> torch.Tensor | None:
-        return self.prompt[layer] if tower == "vision" and layer < self.depth else None
+        return self.prompt[layer] if self.prompted(tower, layer) else None
 
 
 def vpt_parameters(

@@ -1,0 +1,77 @@
+"""Prompt slots: a layer whose prompt outputs are discarded skips them, with the same results and fewer FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_clip, mmap_with_random_prompts
+from torch.utils.flop_counter import FlopCounterMode
+
+from peft_mmap.prompting import computing_prompt_rows
+
+
+def _step(model, batch, **kwargs):
+    """Logits, both embeddings and every trainable gradient of one forward + backward pass."""
+    model.zero_grad()
+    out = model(**batch, **kwargs)
+    (out.logits_per_image.square().sum() + out.text_embeds.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return [out.logits_per_image.detach(), out.text_embeds.detach(), out.image_embeds.detach(), *grads]
+
+
+def _assert_all_close(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("depth", [None, 2, 1])
+def test_skipping_discarded_prompt_rows_changes_no_output_or_gradient(attn, depth, batch):
+    model = mmap_with_random_prompts(make_clip(attn_implementation=attn), depth=depth).train()
+    skipped = _step(model, batch)
+    with computing_prompt_rows():
+        full = _step(model, batch)
+    _assert_all_close(skipped, full)
+    unpadded = {"input_ids": batch["input_ids"][:1]}  # sdpa: no mask, causality through is_causal
+    features = model.get_text_features(**unpadded).pooler_output
+    with computing_prompt_rows():
+        torch.testing.assert_close(features, model.get_text_features(**unpadded).pooler_output)
+
+
+@pytest.mark.parametrize("depth", [None, 1])
+def test_skipping_discarded_prompt_rows_saves_flops(depth, batch):
+    model = mmap_with_random_prompts(make_clip(), depth=depth).eval()
+    flops = {}
+    for label, context in (("skipped", torch.no_grad), ("full", computing_prompt_rows)):
+        counter = FlopCounterMode(display=False)
+        with context(), torch.no_grad(), counter:
+            model(**batch)
+        flops[label] = counter.get_total_flops()
+    # depth 1: only the last layer's prompt rows are discarded; full depth: every layer's.
+    assert flops["skipped"] < flops["full"]
+
+
+def test_mixed_task_routes_give_the_same_features_with_and_without_skipping(batch):
+    model = mmap_with_random_prompts(make_clip(), names=("g", "a", "b")).eval()
+    pixels = batch["pixel_values"]
+    with torch.inference_mode(), model.base_model.adapter_routes([["g", "a"], ["g", "b"]]):
+        skipped = model.get_image_features(pixel_values=pixels).pooler_output
+        with computing_prompt_rows():
+            full = model.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(skipped, full, atol=1e-5, rtol=1e-4)
+
+
+def test_recorded_hidden_states_and_attentions_are_computed_in_full(batch):
+    model = mmap_with_random_prompts(make_clip(attn_implementation="eager")).eval()
+    kwargs = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        out = model(**batch, **kwargs)
+        with computing_prompt_rows():
+            full = model(**batch, **kwargs)
+    for tower in ("text_model_output", "vision_model_output"):
+        got, want = getattr(out, tower), getattr(full, tower)
+        recorded, reference = got.hidden_states + got.attentions, want.hidden_states + want.attentions
+        assert len(got.hidden_states) == len(want.hidden_states) and len(recorded) == len(reference)
+        for a, b in zip(recorded, reference, strict=True):
+            torch.testing.assert_close(a, b)
