@@ -21,7 +21,7 @@ from transformers import CLIPModel, CLIPProcessor
 from peft_mmap.apps.demo import DEMO_IMAGES_PER_CLASS, DEMO_SHOTS, cache_dir, demo_spec
 from peft_mmap.apps.synthetic import generate_benchmark
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
-from peft_mmap.baselines import METHODS, build_method
+from peft_mmap.baselines import build_method
 from peft_mmap.classifier import TaskSpec
 from peft_mmap.data import ImageClassificationDataset, few_shot_split, scan_image_folder
 from peft_mmap.evaluate import AVERAGE, evaluate
@@ -58,8 +58,9 @@ def main() -> None:
         for n, s in splits.items()
     }
     spec = demo_spec(quick=False)
-    recipe = METHODS["mmap"].recipe
-    config = dataclasses.replace(spec.train, **dict(recipe.train), seed=args.seed, epochs=args.epochs)
+    config = dataclasses.replace(
+        spec.recipe("mmap", args.seed)[0], epochs=args.epochs
+    )  # the demo's, no augment
     zero_shot = evaluate(build_method("zeroshot", base, processor.tokenizer, tasks), test_sets)[AVERAGE]
     report = {"zero_shot": zero_shot, "train": config.to_dict(), "inits": {}}
     for init in args.inits:

@@ -34,6 +34,7 @@ _EXPORTS = {
     "build_method": "baselines",
     "Benchmark": "apps.bench",
     "BenchmarkSpec": "apps.bench",
+    "run_lr_search": "apps.bench",
     "run_shot_sweep": "apps.bench",
     "CLIPTaskClassifier": "classifier",
     "TaskSpec": "classifier",
@@ -47,6 +48,7 @@ _EXPORTS = {
     "office_home": "data",
     "save_split": "data",
     "scan_image_folder": "data",
+    "validation_split": "data",
     "run_demo": "apps.demo",
     "evaluate": "evaluate",
     "results_table_markdown": "evaluate",
@@ -104,6 +106,7 @@ __all__ = [
     "push_to_hub",
     "results_table_markdown",
     "run_demo",
+    "run_lr_search",
     "run_shot_sweep",
     "save_affinity",
     "save_model_card",
@@ -112,6 +115,7 @@ __all__ = [
     "summarize",
     "task_affinity",
     "train",
+    "validation_split",
     "write_results_json",
 ]
 
@@ -151,7 +155,7 @@ register_with_peft()
 
 if TYPE_CHECKING:
     from .affinity import AffinityResult, save_affinity, task_affinity
-    from .apps.bench import Benchmark, BenchmarkSpec, run_shot_sweep
+    from .apps.bench import Benchmark, BenchmarkSpec, run_lr_search, run_shot_sweep
     from .apps.demo import run_demo
     from .apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark
     from .apps.tiny_clip import TINY_CLIP_PATH, load_tiny_clip
@@ -169,6 +173,7 @@ if TYPE_CHECKING:
         office_home,
         save_split,
         scan_image_folder,
+        validation_split,
     )
     from .evaluate import evaluate, results_table_markdown, summarize, write_results_json
     from .grouping import group_tasks, grouping_score

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -318,6 +318,37 @@ def _class_rng(seed: int, task: str, class_dir: str) -> random.Random:
     """RNG seeded from ``(seed, task, class folder)`` by SHA-256 (independent of iteration order)."""
     digest = hashlib.sha256(f"{seed}\0{task}\0{class_dir}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def validation_split(splits: Mapping[str, TaskSplit], shots: int, seed: int = 0) -> dict[str, TaskSplit]:
+    """Hold out ``shots`` of each class's training images as a validation set (for choosing hyper-parameters).
+
+    Returns, per task, a split whose ``train`` keeps the other training images and whose ``test`` is the
+    held-out ones; the original test images are left out. Each class draws with its own RNG seeded from
+    ``(seed, task, label)`` as in `few_shot_split`, so the same split and seed give the same held-out images.
+
+    Raises:
+        ValueError: ``shots`` not a positive int, or a class with fewer than ``shots + 1`` training images
+            (one must stay for training).
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"validation shots must be a positive integer, got {shots!r}")
+    result = {}
+    for name, split in splits.items():
+        train: list[Sample] = []
+        held: list[Sample] = []
+        for label, classname in enumerate(split.classnames):
+            samples = [s for s in split.train if s.label == label]
+            if len(samples) <= shots:
+                raise ValueError(
+                    f"task {name!r}, class {classname!r}: {len(samples)} training image(s), cannot hold out "
+                    f"{shots} for validation and keep one for training"
+                )
+            chosen = set(_class_rng(seed, name, f"validation\0{label}").sample(range(len(samples)), shots))
+            for i, sample in enumerate(samples):
+                (held if i in chosen else train).append(sample)
+        result[name] = TaskSplit(name, list(split.classnames), train, held)
+    return result
 
 
 def load_task_folders(

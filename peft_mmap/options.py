@@ -50,6 +50,10 @@ method its own recipe (`peft_mmap.baselines.RECIPES`: its paper's learning rate,
 augmentation) on top of the shared settings; ``"paper"`` trains every method with the shared settings
 alone (the MmAP paper's single SGD recipe)."""
 
+LR_SCALES = (0.3, 1.0, 3.0, 10.0, 30.0)
+"""The shared grid of learning-rate factors (on each method's recipe rate) that ``peft-mmap bench
+--lr-search`` tries on a validation split (`peft_mmap.apps.bench.run_lr_search`)."""
+
 PERF_INFER_BATCHES = (1, 4, 16)
 """Serving batch sizes ``peft-mmap perf`` times."""
 

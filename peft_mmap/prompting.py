@@ -156,14 +156,16 @@ def _can_skip_rows(layer: nn.Module, mask: torch.Tensor | None, kwargs: dict[str
     """Whether `forward_keeping_sequence_rows` computes exactly what ``layer(hidden, mask, **kwargs)`` does.
 
     It re-states transformers' ``CLIPEncoderLayer``/``CLIPAttention`` forward, so it is used only for those
-    exact classes, without forward hooks on them, with eager or sdpa attention, a ``None`` or 4-D mask, and
-    no attention maps or hidden states being recorded (they would miss the skipped rows).
+    exact classes, without forward hooks on them or gradient checkpointing (which their own call applies),
+    with eager or sdpa attention, a ``None`` or 4-D mask, and no attention maps or hidden states being
+    recorded (they would miss the skipped rows).
     """
     attn = getattr(layer, "self_attn", None)
     return (
         type(layer).forward is CLIPEncoderLayer.forward
         and type(attn).forward is CLIPAttention.forward
         and not any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn))
+        and not getattr(layer, "gradient_checkpointing", False)
         and attn.config._attn_implementation in ("eager", "sdpa")
         and (mask is None or mask.dim() == 4)
         and not kwargs.get("output_attentions")

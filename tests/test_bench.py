@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -104,3 +105,40 @@ def test_augment_setting_overrides_every_methods_recipe(protocol, augment):
         config, _ = spec(protocol=protocol, augment=augment).recipe(method, 1)
         assert config.augment is augment, (method, protocol)
     assert spec(protocol="recipes").recipe("mmap", 1)[0].augment is True  # None keeps the recipe's choice
+
+
+def test_lr_scales_multiply_the_recipe_rate_and_bad_settings_are_refused():
+    assert spec(lr_scales={"full_ft": 10}).recipe("full_ft", 1)[0].lr == 1e-4  # recipe 1e-5, rounded
+    assert spec(lr_scales={"coop_mt": 3}).recipe("mmap", 1)[0].lr == QUICK.lr  # the others keep their rate
+    assert spec(protocol="paper", lr_scales={"mmap": 0.5}).recipe("mmap", 1)[0].lr == QUICK.lr * 0.5
+    with pytest.raises(ValueError, match=r"lr_scales must be positive numbers, got \{'mmap': 0\}"):
+        spec(lr_scales={"mmap": 0})
+    with pytest.raises(ValueError, match="validation_shots must be a positive int or None, got 0"):
+        spec(validation_shots=0)
+
+
+def test_lr_search_picks_each_methods_factor_on_held_out_training_shots(workspace, tmp_path):
+    folders = scan_image_folder(workspace / "data")
+    search = spec(methods=["zeroshot", "coop_mt"], seeds=[1], shots=3)
+    results = bench_module.run_lr_search(
+        workspace / "model", folders, search, tmp_path, scales=[0.5, 2], validation_shots=1,
+        progress=False, log=lambda _: None,
+    )  # fmt: skip
+    found = json.loads((tmp_path / "lr_search.json").read_text())
+    assert found["scales"] == [0.5, 2.0] and found["validation_shots"] == 1
+    assert set(found["validation"]) == {"zeroshot", "coop_mt"}
+    assert found["validation_images"] == 3 * 3  # one held-out shot per class, 3 tasks x 3 classes
+    assert found["picked"]["zeroshot"] == 0.5  # equal scores: nearest 1 (equally near: the smaller)
+    picked, by_scale = found["picked"]["coop_mt"], found["validation"]["coop_mt"]
+    best = max(by_scale.values())
+    error = 100 * (best / 100 * (1 - best / 100) / 9) ** 0.5
+    assert found["standard_error"]["coop_mt"] == pytest.approx(error)
+    close = {float(s) for s, acc in by_scale.items() if acc >= best - error}
+    assert picked in close and abs(math.log(picked)) == min(abs(math.log(s)) for s in close)
+    assert results["methods"]["coop_mt"]["recipe"]["train"]["lr"] == pytest.approx(0.002 * picked)
+    assert "| `coop_mt` |" in (tmp_path / "lr_search.md").read_text()
+    # Validation runs train on 2 of the 3 shots per class and score the third; the final run uses all 3.
+    split = json.loads((tmp_path / "lr-search" / "x2" / "splits" / "seed1.json").read_text())
+    assert split == json.loads((tmp_path / "splits" / "seed1.json").read_text())
+    with pytest.raises(ValueError, match=r"scales must be positive numbers, got \[0\]"):
+        bench_module.run_lr_search(workspace / "model", folders, search, tmp_path, scales=[0])

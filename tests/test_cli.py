@@ -149,6 +149,11 @@ def test_bench_subcommand_writes_tables(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:-2], "--methods", "nope", "--output", str(tmp_path)])
     assert exit_info.value.code == 2
+    search = tmp_path / "search"
+    assert main([*argv[:-2], "--methods", "zeroshot", "--lr-search", "0.5", "1", "--validation-shots", "1",
+                 "--output", str(search)]) == 0  # fmt: skip
+    assert json.loads((search / "lr_search.json").read_text())["picked"] == {"zeroshot": 1.0}
+    assert "wrote" in capsys.readouterr().out and (search / "results.json").is_file()
 
 
 def test_help_imports_no_heavy_module_and_prints_nothing_on_stderr():
@@ -195,6 +200,8 @@ def early_refusals(root: Path, out: Path) -> dict[str, list[str]]:
             f"--num-groups 3 --split-file {out / 'split.json'} --output {out / 'grouping'}",
             "bench --num-groups 4 with 3 tasks": f"bench --model {model} --data {data} --shots 2 --num-groups 4 "
             f"--output {out}",
+            "bench --lr-search with --sweep-shots": f"bench --model {model} --data {data} --sweep-shots 1 2 "
+            f"--lr-search --output {out}",
             "--layout officehome on other data": f"{train} {out / 'run'} --layout officehome --tasks art,clipart",
             "--layout officehome with a split file": f"eval --data {data} --layout officehome --split-file "
             f"{out / 'existing.json'} --adapters {out / 'run'}",
@@ -209,6 +216,7 @@ REFUSALS = {
     "--model /no/such/dir": "'/no/such/dir' is not a local folder, and not a hub id of the form org/name",
     "--num-groups 3 with 2 tasks": "--num-groups 3 asks for more groups than there are tasks (2)",
     "bench --num-groups 4 with 3 tasks": "--num-groups 4 asks for more groups than there are tasks (3)",
+    "bench --lr-search with --sweep-shots": "--lr-search and --sweep-shots cannot be combined",
     "--layout officehome on other data": "has classes that are not Office-Home classes",
     "--layout officehome with a split file": "has classes that are not Office-Home classes",
     "existing checkpoint without --resume": "already holds a training checkpoint; pass --resume",

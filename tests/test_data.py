@@ -29,6 +29,7 @@ from peft_mmap.data import (
     save_split,
     scan_image_folder,
     task_name,
+    validation_split,
 )
 
 
@@ -413,3 +414,22 @@ def test_dataset_outputs(tree: Path, processor, cache):
     torch.testing.assert_close(dataset[0][0], expected)
     batch, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+
+
+def test_validation_split_holds_out_shots_per_class_from_the_training_images(tree: Path):
+    splits = few_shot_split(scan_image_folder(tree), shots=3, seed=0)
+    held = validation_split(splits, shots=1, seed=5)
+    for name, split in splits.items():
+        part = held[name]
+        assert part.classnames == split.classnames
+        labels = [s.label for s in part.test]
+        assert sorted(labels) == list(range(len(split.classnames)))  # one per class
+        assert sorted(part.train + part.test, key=lambda s: s.path) == sorted(
+            split.train, key=lambda s: s.path
+        )
+    assert validation_split(splits, shots=1, seed=5) == held  # deterministic
+    assert validation_split(splits, shots=1, seed=6) != held
+    with pytest.raises(ValueError, match=r"3 training image\(s\), cannot hold out 3 for validation"):
+        validation_split(splits, shots=3)
+    with pytest.raises(ValueError, match="validation shots must be a positive integer, got 0"):
+        validation_split(splits, shots=0)

@@ -75,3 +75,18 @@ def test_recorded_hidden_states_and_attentions_are_computed_in_full(batch):
         assert len(got.hidden_states) == len(want.hidden_states) and len(recorded) == len(reference)
         for a, b in zip(recorded, reference, strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_gradient_checkpointing_keeps_its_memory_saving_and_the_results(batch, monkeypatch):
+    model = mmap_with_random_prompts(make_clip(), depth=2).train()
+    expected = _step(model, batch)
+    clip = model.base_model.model
+    clip.gradient_checkpointing_enable()
+    layers = clip.vision_model.encoder.layers
+    mlp_calls = []
+    for layer in layers:  # counted in forward itself: checkpoint recomputation runs no module hooks
+        mlp = layer.base_layer.mlp
+        monkeypatch.setattr(mlp, "forward", lambda x, run=mlp.forward: mlp_calls.append(1) or run(x))
+    _assert_all_close(_step(model, batch), expected)
+    # Every layer ran through its own checkpointed call: its MLP ran again in the backward pass.
+    assert len(mlp_calls) == 2 * len(layers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,15 @@ from ..baselines import METHODS, build_method
 from ..checkpoint import find_checkpoint
 from ..classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec, load_clip_processor
 from ..config import MmAPConfig
-from ..data import ImageClassificationDataset, TaskFolder, TaskSplit, few_shot_split, load_split, save_split
+from ..data import (
+    ImageClassificationDataset,
+    TaskFolder,
+    TaskSplit,
+    few_shot_split,
+    load_split,
+    save_split,
+    validation_split,
+)
 from ..evaluate import (
     AVERAGE,
     evaluate,
@@ -37,7 +46,7 @@ from ..evaluate import (
 from ..files import atomic_write, atomic_write_json, atomic_write_text, read_json
 from ..grouping import group_tasks
 from ..multitask import MultiTaskMmAP
-from ..options import DEFAULT_NUM_GROUPS, PROTOCOLS
+from ..options import DEFAULT_NUM_GROUPS, LR_SCALES, PROTOCOLS
 from ..train import TrainConfig, train
 
 #: Methods whose builder takes the task groups found by gradient-based grouping.
@@ -75,6 +84,10 @@ class BenchmarkSpec:
         augment: ``None`` keeps each method's choice (the recipes augment, the paper protocol does not);
             ``True``/``False`` turns training augmentation on/off for every method, e.g. for data where
             random crops cut the object out (the demo's 48-pixel synthetic images).
+        lr_scales: per method, a learning-rate factor that replaces its recipe's ``lr_scale`` (the learning
+            rate is the recipe's, or under ``"paper"`` the shared one, times this factor).
+        validation_shots: hold out this many of each class's training shots and evaluate on them instead
+            of the test set (`peft_mmap.data.validation_split`; for choosing hyper-parameters).
         device: where to train and evaluate (default: CUDA if available).
     """
 
@@ -93,6 +106,8 @@ class BenchmarkSpec:
     method_options: dict[str, dict] = field(default_factory=dict)
     protocol: str = "recipes"
     augment: bool | None = None
+    lr_scales: dict[str, float] = field(default_factory=dict)
+    validation_shots: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -109,12 +124,26 @@ class BenchmarkSpec:
             raise ValueError("Give exactly one of BenchmarkSpec.shots and BenchmarkSpec.fraction.")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}.")
+        bad = {
+            m: s
+            for m, s in self.lr_scales.items()
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0
+        }
+        if bad:
+            raise ValueError(f"BenchmarkSpec.lr_scales must be positive numbers, got {bad}.")
+        v = self.validation_shots
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"BenchmarkSpec.validation_shots must be a positive int or None, got {v!r}.")
 
     def recipe(self, method: str, seed: int) -> tuple[TrainConfig, dict]:
         """The trainer settings and builder options of ``method``'s run with ``seed`` under `protocol`."""
         recipe = METHODS[method].recipe
         use = self.protocol == "recipes"
-        config = dataclasses.replace(self.train, **(dict(recipe.train) if use else {}), seed=seed)
+        settings = dict(recipe.train) if use else {}
+        scale = self.lr_scales.get(method, recipe.lr_scale if use else 1.0)
+        # Rounded to 12 digits, so that 1e-5 x 10 is recorded as 1e-4.
+        lr = float(f"{settings.get('lr', self.train.lr) * scale:.12g}")
+        config = dataclasses.replace(self.train, **{**settings, "lr": lr}, seed=seed)
         if self.augment is not None:
             config = dataclasses.replace(config, augment=self.augment)
         options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
@@ -182,6 +211,8 @@ class Benchmark:
                     self.folders, shots=self.spec.shots, fraction=self.spec.fraction, seed=seed
                 )
                 save_split(splits, path, root)
+            if self.spec.validation_shots is not None:
+                splits = validation_split(splits, self.spec.validation_shots, seed)
             image_processor = self.processor.image_processor
 
             def datasets(part: str) -> dict[str, ImageClassificationDataset]:
@@ -337,6 +368,78 @@ def ablation_markdown(methods: Mapping[str, Mapping]) -> str:
         entry = methods[name]
         spread = f" ± {entry['std'][AVERAGE]:.2f}" if len(entry["runs"]) > 1 else ""
         lines.append(f"| `{name}` | {task} | {group} | {entry['average']:.2f}{spread} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_lr_search(
+    model_id: str | os.PathLike,
+    folders: Mapping[str, TaskFolder],
+    spec: BenchmarkSpec,
+    output_dir: str | os.PathLike,
+    scales: Sequence[float] = LR_SCALES,
+    validation_shots: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Pick each method's learning-rate factor on a validation split, then run the benchmark with the picks.
+
+    Every method gets the same grid (``scales``, factors on its recipe's learning rate) and the same budget
+    (``spec``'s epochs, batch and data): for each factor, the benchmark runs with ``validation_shots`` of
+    each class's training shots held out and evaluates on them (`BenchmarkSpec.validation_shots`; the
+    grouped methods use groups found once, on the remaining shots). A few shots make a noisy validation
+    set, so the pick follows the one-standard-error rule: among the factors whose validation average is
+    within one binomial standard error of the best (``sqrt(p (1 - p) / n)``, ``n`` validation images of
+    the first seed), the one nearest 1 (the published rate, in log distance) wins. The test-set benchmark
+    then runs with the picked factors in ``output_dir``. Writes ``lr_search.json`` (``{"scales",
+    "validation_shots", "validation_images", "seeds", "validation": {method: {factor: average}},
+    "standard_error": {method: points}, "picked": {method: factor}}``), ``lr_search.md`` and the
+    benchmark's results; the validation runs go to ``output_dir/lr-search/x<factor>/``.
+
+    Raises:
+        ValueError: an empty grid or a factor that is not a positive number.
+    """
+    if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+        raise ValueError(f"scales must be positive numbers, got {list(scales)!r}")
+    output_dir = Path(output_dir)
+    groups = spec.groups
+    validation: dict[str, dict[str, float]] = {}
+    for scale in scales:
+        scales_now = dict.fromkeys(spec.methods, scale)
+        search = dataclasses.replace(
+            spec, groups=groups, validation_shots=validation_shots, lr_scales=scales_now
+        )
+        bench = Benchmark(model_id, folders, search, output_dir / "lr-search" / f"x{scale:g}", progress, log)
+        groups = bench.grouping()
+        for method, entry in bench.run()["methods"].items():
+            validation.setdefault(method, {})[f"{scale:g}"] = entry["average"]
+    images = sum(len(d) for d in bench.seed_data(spec.seeds[0]).test.values())
+    errors, picked = {}, {}
+    for method, by_scale in validation.items():
+        best = max(by_scale.values())
+        errors[method] = 100 * math.sqrt(best / 100 * (1 - best / 100) / images)
+        close = [s for s, acc in by_scale.items() if acc >= best - errors[method]]
+        picked[method] = float(min(close, key=lambda s: (abs(math.log(float(s))), float(s))))
+    payload = {"scales": [float(s) for s in scales], "validation_shots": validation_shots,
+               "validation_images": images, "seeds": spec.seeds, "validation": validation,
+               "standard_error": errors, "picked": picked}  # fmt: skip
+    atomic_write_json(output_dir / "lr_search.json", payload)
+    atomic_write_text(output_dir / "lr_search.md", lr_search_markdown(payload))
+    log(lr_search_markdown(payload))
+    final = dataclasses.replace(spec, groups=groups, lr_scales=picked)
+    return Benchmark(model_id, folders, final, output_dir, progress, log).run()
+
+
+def lr_search_markdown(search: Mapping) -> str:
+    """Validation average per method (rows) and learning-rate factor (columns), the standard error and the
+    pick (in bold)."""
+    scales = [f"{s:g}" for s in search["scales"]]
+    lines = ["| Method | " + " | ".join(f"lr × {s}" for s in scales) + " | ± 1 SE | picked |",
+             "|:---|" + "---:|" * (len(scales) + 2)]  # fmt: skip
+    for method, by_scale in search["validation"].items():
+        best = f"{search['picked'][method]:g}"
+        cells = [f"**{by_scale[s]:.1f}**" if s == best else f"{by_scale[s]:.1f}" for s in scales]
+        error = search["standard_error"][method]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {error:.1f} | × {best} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ from ..options import (
     DEFAULT_NUM_GROUPS,
     DEFAULT_TEMPLATE,
     LAYOUTS,
+    LR_SCALES,
     MMAP_CLI_FIELDS,
     PERF_INFER_BATCHES,
     PERF_METHODS,
@@ -584,6 +585,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: as the protocol says).",
     )
     bench.add_argument(
+        "--lr-search",
+        nargs="*",
+        type=positive_float,
+        metavar="FACTOR",
+        help="first pick each method's learning rate on a validation split: try these factors on its recipe's "
+        f"rate (no value: {' '.join(f'{s:g}' for s in LR_SCALES)}) with --validation-shots of each class's "
+        "training shots held out, then run the benchmark with the best factor per method.",
+    )
+    bench.add_argument(
+        "--validation-shots",
+        type=positive_int,
+        default=2,
+        help="training shots per class held out for validation by --lr-search (default 2).",
+    )
+    bench.add_argument(
         "--output", type=Path, required=True, help="results folder (finished runs there are not rerun)."
     )
 
@@ -605,11 +621,18 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
 
 def run_bench(args: argparse.Namespace) -> None:
     from ..data import load_task_folders
-    from .bench import Benchmark, run_shot_sweep
+    from .bench import Benchmark, run_lr_search, run_shot_sweep
 
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     spec = bench_spec(args, len(folders))
-    if args.sweep_shots:
+    if args.lr_search is not None:
+        if args.sweep_shots:
+            raise ValueError("--lr-search and --sweep-shots cannot be combined: search at one shot count.")
+        run_lr_search(
+            args.model, folders, spec, args.output, args.lr_search or LR_SCALES, args.validation_shots
+        )
+        print(f"wrote {args.output / 'lr_search.md'}, {args.output / 'results.json'} and results.md")
+    elif args.sweep_shots:
         run_shot_sweep(args.model, folders, spec, args.output, shots=args.sweep_shots)
         print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'} and shots<k>/results.*")
     else:
@@ -655,7 +678,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (46-53 s on 2 quiet cores).",
+        help="a shorter run: one seed, 2 epochs, 4 methods (47-49 s on 2 quiet cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -762,7 +785,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 quiet CPU cores: 9.5-11 min; --quick: 46-53 s).",
+        "switching (measured on 2 quiet CPU cores: 9.9-10.4 min; --quick: 47-49 s).",
         add_demo_arguments,
         run_demo,
     ),

@@ -3,7 +3,8 @@
 Each entry replaces some of the shared trainer settings (`peft_mmap.train.TrainConfig`: the MmAP paper's
 SGD, lr 0.0035, batch 16, cosine) and may set builder options. Where a method's own paper gives a recipe
 it is followed; every trained method gets the same augmentation (random resized crop and flip, as in the
-CoOp, MaPLe and CLIP-Adapter papers) and the same epochs and batch size.
+CoOp, MaPLe and CLIP-Adapter papers) and the same epochs and batch size. A recipe's learning rate may carry
+a factor that ``peft-mmap bench --lr-search`` picked on a validation split (`Recipe.lr_scale`).
 """
 
 from __future__ import annotations
@@ -20,21 +21,28 @@ class Recipe:
         train: `peft_mmap.train.TrainConfig` fields that replace the shared settings (e.g. ``lr``).
         options: builder options (e.g. ``ctx_init="a photo of a"``).
         source: where the recipe comes from.
+        lr_scale: factor on the learning rate (``train["lr"]``, else the shared one), picked from
+            `peft_mmap.options.LR_SCALES` on a validation split (`peft_mmap.apps.bench.run_lr_search`); 1 = as published.
     """
 
     train: Mapping[str, object] = field(default_factory=dict)
     options: Mapping[str, object] = field(default_factory=dict)
     source: str = ""
+    lr_scale: float = 1.0
 
     def to_dict(self) -> dict:
-        return {"train": dict(self.train), "options": dict(self.options), "source": self.source}
+        return {"train": dict(self.train), "options": dict(self.options), "source": self.source,
+                "lr_scale": self.lr_scale}  # fmt: skip
 
 
 _AUGMENT = {"augment": True}
 _PHOTO_CTX = "a photo of a"
-#: Full fine-tuning: AdamW at a small learning rate (the logit scale stays frozen, see ``full_ft``).
+#: Full fine-tuning: AdamW at a small learning rate (the logit scale stays frozen, see ``full_ft``), times
+#: the factor 10 that ``peft-mmap bench --lr-search`` picked on the demo benchmark's validation split (the
+#: only pick away from 1; README, "Training recipes").
 _FULL_FT = Recipe({**_AUGMENT, "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.1},
-                  source="small-lr AdamW fine-tuning of CLIP (e.g. WiSE-FT, FLYP)")  # fmt: skip
+                  source="small-lr AdamW fine-tuning of CLIP (e.g. WiSE-FT, FLYP); lr x 10 picked on a "
+                         "validation split", lr_scale=10.0)  # fmt: skip
 _COOP = Recipe({**_AUGMENT, "lr": 0.002}, {"n_ctx": 4, "ctx_init": _PHOTO_CTX},
                source="CoOp (Zhou et al., 2022): SGD lr 0.002, context from 'a photo of a'")  # fmt: skip
 _MAPLE = Recipe({**_AUGMENT, "lr": 0.0035, "warmup_epochs": 1, "warmup_lr": 1e-5}, {"ctx_init": _PHOTO_CTX},
