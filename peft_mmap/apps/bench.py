@@ -124,11 +124,7 @@ class BenchmarkSpec:
             raise ValueError("Give exactly one of BenchmarkSpec.shots and BenchmarkSpec.fraction.")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}.")
-        bad = {
-            m: s
-            for m, s in self.lr_scales.items()
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0
-        }
+        bad = {m: s for m, s in self.lr_scales.items() if not _positive_number(s)}
         if bad:
             raise ValueError(f"BenchmarkSpec.lr_scales must be positive numbers, got {bad}.")
         v = self.validation_shots
@@ -148,6 +144,10 @@ class BenchmarkSpec:
             config = dataclasses.replace(config, augment=self.augment)
         options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
         return config, options
+
+
+def _positive_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 @dataclass
@@ -386,9 +386,9 @@ def run_lr_search(
     Every method gets the same grid (``scales``, factors on its recipe's learning rate) and the same budget
     (``spec``'s epochs, batch and data): for each factor, the benchmark runs with ``validation_shots`` of
     each class's training shots held out and evaluates on them (`BenchmarkSpec.validation_shots`; the
-    grouped methods use groups found once, on the remaining shots). A few shots make a noisy validation
-    set, so the pick follows the one-standard-error rule: among the factors whose validation average is
-    within one binomial standard error of the best (``sqrt(p (1 - p) / n)``, ``n`` validation images of
+    grouped methods use groups found once, on the remaining shots; averages are over ``spec``'s seeds). A
+    few shots make a noisy validation set, so the pick follows the one-standard-error rule: among the
+    factors whose validation average is within one binomial standard error of the best (``sqrt(p (1 - p) / n)``, ``n`` validation images of
     the first seed), the one nearest 1 (the published rate, in log distance) wins. The test-set benchmark
     then runs with the picked factors in ``output_dir``. Writes ``lr_search.json`` (``{"scales",
     "validation_shots", "validation_images", "seeds", "validation": {method: {factor: average}},
@@ -398,7 +398,7 @@ def run_lr_search(
     Raises:
         ValueError: an empty grid or a factor that is not a positive number.
     """
-    if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+    if not scales or not all(map(_positive_number, scales)):
         raise ValueError(f"scales must be positive numbers, got {list(scales)!r}")
     output_dir = Path(output_dir)
     groups = spec.groups

@@ -8,9 +8,9 @@ download). Measured side by side:
   groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same
   ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
   backbone), and ``mmap_all_rows`` (MmAP also computing the layer outputs at prompt positions that are
-  discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted by ``torch.utils.flop_counter`` on its
-  first step (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs
-  about its forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's
+  discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted
+  by ``torch.utils.flop_counter`` on its first step (machine-independent; a frozen weight gets no
+  gradient, so a prompt method's backward costs about its forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's
   time ratio to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP,
   above 1 is MmAP overhead the FLOPs do not explain;
 * **memory** (``peak_mem_mb``): what the first step needs on top of the weights: on CUDA
