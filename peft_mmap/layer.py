@@ -227,8 +227,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         else:
             names = tuple(self.active_adapters if adapter_names is None else adapter_names)
             slots = self._active_slots(names, hidden_states)
-        following = self.layer_index + 1
-        depths = self._shared.depths
+        next_replaces = all(self._shared.depths[n] > self.layer_index + 1 for n in names)
         return forward_with_prompt_slots(
             self.base_layer,
             hidden_states,
@@ -236,7 +235,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             self.layer_index,
             self.num_layers,
             slots,
-            next_layer_replaces=following < self.num_layers and all(depths[n] > following for n in names),
+            next_replaces,
             **kwargs,
         )
 

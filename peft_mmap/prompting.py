@@ -114,7 +114,7 @@ def forward_with_prompt_slots(
     its new tokens (or flows through when they are ``None``); after the last layer all prompt tokens are
     removed again. ``next_layer_replaces``: the next layer gives new tokens to every slot, so this layer's
     outputs at the prompt positions are never read; it returns the other rows only (and the next layer,
-    whose slots all have tokens, expects exactly that).
+    whose slots all have tokens, expects exactly that). It is not read at the last layer.
 
     ``hidden_states``: ``(B, L, d)`` at layer 0 and after a layer that dropped the prompt rows, else
     ``(B, L + T, d)``, with ``T`` the total slot length. Returns ``(B, L, d)`` after the last layer or when
@@ -242,9 +242,7 @@ class DeepPromptLayer(nn.Module):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
         """See `forward_with_prompt_slots`."""
-        slots = self.slots(self.layer_index)
-        following = self.layer_index + 1
-        next_replaces = bool(slots) and following < self.num_layers and self.replaces(following)
+        slots, next_replaces = self.slots(self.layer_index), self.replaces(self.layer_index + 1)
         return forward_with_prompt_slots(
             self.base_layer,
             hidden_states,
@@ -252,7 +250,7 @@ class DeepPromptLayer(nn.Module):
             self.layer_index,
             self.num_layers,
             slots,
-            next_layer_replaces=next_replaces,
+            next_replaces,
             **kwargs,
         )
 
