@@ -2,7 +2,7 @@
 
 Usage: ``python scripts/learning_curve.py [--model DIR] [--method mmap] [--epochs 5] [--augment | --no-augment]
 [--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
-[--scale-init ones|zeros|normal] [--vision-scale FACTOR]``
+[--scale-init ones|zeros|normal] [--vision-scale FACTOR] [--towers both|text|vision] [--train-without-renamed]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
 the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
@@ -10,7 +10,9 @@ evaluates on the *un-augmented* training images and on the test set. Train accur
 under-fitting (or training on a distribution the clean images do not share); train accuracy far above
 test accuracy means over-fitting. Epoch 0 is the untrained method. Before and after training it also
 prints the test accuracy on the four labels the pretraining captions never use (`BENCHMARK_LABELS`) and on
-the other twenty.
+the other twenty. ``--towers text`` (or ``vision``) prompts one CLIP tower only (MmAP's ``target_modules``);
+``--train-without-renamed`` drops the training images of the `BENCHMARK_LABELS` classes (the test set and the
+classes stay).
 """
 
 from __future__ import annotations
@@ -25,18 +27,30 @@ from peft_mmap.apps.bench import Benchmark
 from peft_mmap.apps.demo import cache_dir, demo_benchmark, demo_spec
 from peft_mmap.apps.synthetic import BENCHMARK_LABELS
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
-from peft_mmap.data import class_display_name, scan_image_folder
+from peft_mmap.data import ImageClassificationDataset, class_display_name, scan_image_folder
 from peft_mmap.evaluate import AVERAGE, evaluate
 from peft_mmap.train import StepEvent, steps_per_epoch, train
+
+#: MmAP ``target_modules`` per ``--towers`` choice (``None``: the config's default, both towers).
+TOWER_TARGETS = {
+    "both": None,
+    "text": r"text_model\.encoder\.layers\.\d+",
+    "vision": r"vision_model\.encoder\.layers\.\d+",
+}
 
 #: The grouping `peft-mmap demo` finds on its benchmark (seed 1), so a curve needs no affinity run.
 DEMO_GROUPS = [["clipart", "photo"], ["painting", "sketch"]]
 
 
+def renamed_classnames() -> set[str]:
+    """The `BENCHMARK_LABELS` classes as the prompts say them."""
+    return {class_display_name(label) for label in BENCHMARK_LABELS.values()}
+
+
 @torch.no_grad()
 def renamed_label_accuracy(model, data) -> str:
     """Test accuracy over all tasks on the images of the `BENCHMARK_LABELS` classes and on the others."""
-    renamed = {class_display_name(label) for label in BENCHMARK_LABELS.values()}  # as the prompts say them
+    renamed = renamed_classnames()
     hits = {True: [0, 0], False: [0, 0]}
     model.eval()
     for task, dataset in data.test.items():
@@ -72,12 +86,15 @@ def main() -> None:
     parser.add_argument("--scale-init", choices=["ones", "zeros", "normal"], help="MmAP scale init")
     parser.add_argument("--vision-scale", type=float, default=1.0,
                         help="multiply a fresh MmAP adapter's vision scaling matrices by this (prompt scale)")  # fmt: skip
+    parser.add_argument("--towers", choices=list(TOWER_TARGETS), default="both", help="MmAP: prompted towers")
+    parser.add_argument("--train-without-renamed", action="store_true",
+                        help="train without the images of the BENCHMARK_LABELS classes")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     spec = demo_spec(methods=[args.method], seeds=[args.seed])
     mmap = {"prompt_length": args.prompt_length, "source_shape": args.source_shape, "depth": args.depth,
-            "scale_init": args.scale_init}  # fmt: skip
+            "scale_init": args.scale_init, "target_modules": TOWER_TARGETS[args.towers]}  # fmt: skip
     spec.mmap = dataclasses.replace(spec.mmap, **{k: v for k, v in mmap.items() if v is not None})
     if args.augment is not None:
         spec.augment = args.augment
@@ -86,6 +103,12 @@ def main() -> None:
         log=lambda line: None,
     )  # fmt: skip
     data = bench.seed_data(args.seed)
+    if args.train_without_renamed:
+        renamed = renamed_classnames()
+        for task, dataset in data.train.items():
+            names = data.splits[task].classnames
+            kept = [sample for sample in dataset.samples if names[sample.label] not in renamed]
+            data.train[task] = ImageClassificationDataset(kept, dataset.processor, cache=True)
     config, options = spec.recipe(args.method, args.seed)
     overrides = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer,
                  "weight_decay": args.weight_decay}  # fmt: skip

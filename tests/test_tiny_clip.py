@@ -22,6 +22,7 @@ from peft_mmap.apps.tiny_clip import (
     LOOSE_SHARE,
     TINY_CLIP_PATH,
     caption_name,
+    label_aware_clip_loss,
     load_tiny_clip,
     pretrain_tiny_clip,
 )
@@ -111,6 +112,35 @@ def test_caption_names_make_some_labels_ambiguous() -> None:
     plain = [c for c in SYNTHETIC_CLASSES if c not in AMBIGUOUS_LABELS and c not in
              {o for _, o in AMBIGUOUS_LABELS.values()}]  # fmt: skip
     assert all(caption_name(c, d) == c.replace("_", " ") for c in plain for d in (0.0, 0.5, 0.99))
+
+
+def test_clip_loss_counts_same_class_pairs_by_domain() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 6) * 3
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    domains = torch.tensor([0, 1, 0, 1, 0, 1])  # every (class, domain) pair once
+    clip = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(6))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(6))
+    ) / 2
+    # weight 0: a caption is a positive only for its own image, i.e. CLIP's InfoNCE
+    assert torch.allclose(label_aware_clip_loss(logits, labels, domains, 0.0), clip)
+    # weight 1 ignores the domains
+    plain = label_aware_clip_loss(logits, labels)
+    assert torch.allclose(label_aware_clip_loss(logits, labels, domains, 1.0), plain)
+    # image 0 matching the caption of its class in the other style: a positive at weight 0.5, a negative at 0
+    closer = logits.clone()
+    closer[0, 1] += 5.0
+    for weight, lower in ((0.5, True), (0.0, False)):
+        before = label_aware_clip_loss(logits, labels, domains, weight)
+        after = label_aware_clip_loss(closer, labels, domains, weight)
+        assert (after < before) == lower, weight
+
+
+def test_pretraining_refuses_a_cross_domain_weight_outside_0_1(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cross_domain_weight=1.5: expected a weight in \[0, 1\]"):
+        pretrain_tiny_clip(tmp_path / "out", cross_domain_weight=1.5)
+    assert not (tmp_path / "out").exists()
 
 
 def test_zero_shot_photo_well_above_chance(tiny_clip: tuple) -> None:

@@ -258,14 +258,25 @@ def _configure_determinism(seed: int, num_threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def label_aware_clip_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric image-text cross-entropy where every pair of the same class is a positive.
+def label_aware_clip_loss(
+    logits_per_image: torch.Tensor,
+    labels: torch.Tensor,
+    domains: torch.Tensor | None = None,
+    cross_domain_weight: float = 1.0,
+) -> torch.Tensor:
+    """Symmetric image-text cross-entropy where pairs of the same class are positives.
 
-    ``logits_per_image``: ``(B, B)`` scaled cosine similarities; ``labels``: ``(B,)`` class ids. With one
-    positive per row this is CLIP's InfoNCE; with several, each row's target spreads evenly over them.
+    ``logits_per_image``: ``(B, B)`` scaled cosine similarities; ``labels``: ``(B,)`` class ids; ``domains``:
+    ``(B,)`` domain ids or ``None``. A pair of the same class and domain has target weight 1, a pair of the
+    same class in another domain ``cross_domain_weight`` (1: the domain does not matter; 0: a caption is a
+    positive only for images of its own style, as "a sketch of a cat" does not describe a photo of a cat).
+    Each row's target is its weights normalised to sum 1; with one positive per row this is CLIP's InfoNCE.
     """
-    same = (labels[:, None] == labels[None, :]).to(logits_per_image.dtype)
-    targets = same / same.sum(dim=1, keepdim=True)
+    weights = (labels[:, None] == labels[None, :]).to(logits_per_image.dtype)
+    if domains is not None:
+        other_domain = domains[:, None] != domains[None, :]
+        weights = weights * torch.where(other_domain, cross_domain_weight, 1.0).to(weights.dtype)
+    targets = weights / weights.sum(dim=1, keepdim=True)
     image_to_text = -(targets * torch.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
     text_to_image = -(targets * torch.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
     return (image_to_text + text_to_image) / 2
@@ -282,13 +293,15 @@ def pretrain_tiny_clip(
     num_threads: int = 2,
     log_every: int = 100,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    cross_domain_weight: float = 1.0,
 ) -> dict[str, object]:
     """Pretrain the tiny CLIP from scratch on synthetic image–caption pairs and save it to ``output_dir``.
 
     Renders ``num_pairs`` pairs (uneven domain mix), trains the tokenizer on their captions, then runs
     ``steps`` AdamW steps of batch ``batch_size`` (cosine schedule with warm-up) on
-    `label_aware_clip_loss`. ``image_size`` (a multiple of the 8-px patch) sets the image tokens per layer:
-    ``(image_size / 8)² + 1``. Deterministic for a given seed and thread count. Writes ``config.json``,
+    `label_aware_clip_loss` with ``cross_domain_weight`` (1, the shipped model: every caption of the object
+    is a positive; 0: only captions of the image's own style are). ``image_size`` (a multiple of the 8-px
+    patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and thread count. Writes ``config.json``,
     ``model.safetensors``, tokenizer files, ``preprocessor_config.json`` and ``pretraining.json``
     (arguments, run time, final loss, per-domain zero-shot accuracy), which is also returned.
     """
@@ -301,6 +314,8 @@ def pretrain_tiny_clip(
             f"Invalid steps={steps}, batch_size={batch_size}, num_pairs={num_pairs}: expected "
             "steps >= 1, batch_size >= 2 and num_pairs >= batch_size."
         )
+    if not 0.0 <= cross_domain_weight <= 1.0:
+        raise ValueError(f"Invalid cross_domain_weight={cross_domain_weight}: expected a weight in [0, 1].")
     start = time.perf_counter()
     _configure_determinism(seed, num_threads)
     domains, classes, captions = _caption_corpus(seed, num_pairs)
@@ -311,6 +326,7 @@ def pretrain_tiny_clip(
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
     labels = torch.tensor([SYNTHETIC_CLASSES.index(c) for c in classes])
+    domain_ids = torch.tensor([SYNTHETIC_DOMAINS.index(d) for d in domains])
     text = tokenizer(captions, padding=True, return_tensors="pt")
     model = _build_model(tokenizer, seed, image_size)
     model.train()
@@ -339,7 +355,7 @@ def pretrain_tiny_clip(
             attention_mask=text["attention_mask"][idx],
             pixel_values=images[idx],
         ).logits_per_image
-        loss = label_aware_clip_loss(logits, labels[idx])
+        loss = label_aware_clip_loss(logits, labels[idx], domain_ids[idx], cross_domain_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -362,6 +378,7 @@ def pretrain_tiny_clip(
         "num_pairs": num_pairs,
         "lr": lr,
         "image_size": image_size,
+        "cross_domain_weight": cross_domain_weight,
         "vocab_size": len(tokenizer),
         "num_threads": num_threads,
         "torch_version": torch.__version__,
