@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
+from .checks import is_positive_int
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
 from .config import MmAPConfig
 from .files import atomic_write, atomic_write_json
@@ -115,9 +116,9 @@ def task_affinity(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}.")
-    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
+    if not is_positive_int(snapshots):
         raise ValueError(f"snapshots must be a positive integer, got {snapshots!r}.")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    if every is not None and not is_positive_int(every):
         raise ValueError(f"every must be None or a positive integer, got {every!r}.")
     specs = as_task_specs(tasks)
     names = list(datasets)

@@ -10,6 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
+from .checks import is_positive_int
 from .files import check_safetensors, new_file_mode
 from .options import MMAP_CLI_FIELDS
 from .peft_type import MMAP_PEFT_TYPE
@@ -23,12 +24,8 @@ TOWERS = ("text", "vision")
 TOWER_SIZE_KEYS = ("hidden_size", "num_layers")
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_positive_int(value: object, name: str) -> None:
-    if not _is_positive_int(value):
+    if not is_positive_int(value):
         raise ValueError(f"MmAPConfig.{name} must be a positive int, got {value!r}.")
 
 
@@ -41,7 +38,7 @@ def _check_tower_sizes(sizes: object) -> None:
         and sizes
         and set(sizes) <= set(TOWERS)
         and all(
-            isinstance(v, dict) and set(v) == set(TOWER_SIZE_KEYS) and all(map(_is_positive_int, v.values()))
+            isinstance(v, dict) and set(v) == set(TOWER_SIZE_KEYS) and all(map(is_positive_int, v.values()))
             for v in sizes.values()
         )
     )

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from peft_mmap.checks import is_positive_int
 from peft_mmap.files import atomic_write_json, check_safe_name, read_json
 from peft_mmap.options import LAYOUTS
 
@@ -331,7 +332,7 @@ def validation_split(splits: Mapping[str, TaskSplit], shots: int, seed: int = 0)
         ValueError: ``shots`` not a positive int, or a class with fewer than ``shots + 1`` training images
             (one must stay for training).
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+    if not is_positive_int(shots):
         raise ValueError(f"validation shots must be a positive integer, got {shots!r}")
     result = {}
     for name, split in splits.items():
@@ -419,7 +420,7 @@ def few_shot_split(
     """
     if (shots is None) == (fraction is None):
         raise ValueError(f"give exactly one of shots or fraction, got shots={shots!r}, fraction={fraction!r}")
-    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+    if shots is not None and not is_positive_int(shots):
         raise ValueError(f"shots must be a positive integer, got {shots!r}")
     if fraction is not None and (
         isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .checks import is_positive_int
 from .classifier import CLIPTaskClassifier
 from .files import atomic_write_json
 
@@ -45,7 +46,7 @@ def evaluate(
         raise ValueError("evaluate() needs at least one task dataset.")
     if AVERAGE in datasets:
         raise ValueError(f"A task may not be named {AVERAGE!r} (that key holds the mean over tasks).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_positive_int(batch_size):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     for task, dataset in datasets.items():
         model.check_task(task)

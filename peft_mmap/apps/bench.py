@@ -24,6 +24,7 @@ from transformers import CLIPModel
 from ..affinity import save_affinity, task_affinity
 from ..baselines import METHODS, build_method
 from ..checkpoint import find_checkpoint
+from ..checks import is_positive_int, is_positive_number
 from ..classifier import DEFAULT_TEMPLATE, CLIPTaskClassifier, TaskSpec, load_clip_processor
 from ..config import MmAPConfig
 from ..data import (
@@ -124,11 +125,11 @@ class BenchmarkSpec:
             raise ValueError("Give exactly one of BenchmarkSpec.shots and BenchmarkSpec.fraction.")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; expected one of {PROTOCOLS}.")
-        bad = {m: s for m, s in self.lr_scales.items() if not _positive_number(s)}
+        bad = {m: s for m, s in self.lr_scales.items() if not is_positive_number(s)}
         if bad:
             raise ValueError(f"BenchmarkSpec.lr_scales must be positive numbers, got {bad}.")
         v = self.validation_shots
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and not is_positive_int(v):
             raise ValueError(f"BenchmarkSpec.validation_shots must be a positive int or None, got {v!r}.")
 
     def recipe(self, method: str, seed: int) -> tuple[TrainConfig, dict]:
@@ -144,10 +145,6 @@ class BenchmarkSpec:
             config = dataclasses.replace(config, augment=self.augment)
         options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
         return config, options
-
-
-def _positive_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 @dataclass
@@ -388,8 +385,9 @@ def run_lr_search(
     each class's training shots held out and evaluates on them (`BenchmarkSpec.validation_shots`; the
     grouped methods use groups found once, on the remaining shots; averages are over ``spec``'s seeds). A
     few shots make a noisy validation set, so the pick follows the one-standard-error rule: among the
-    factors whose validation average is within one binomial standard error of the best (``sqrt(p (1 - p) / n)``, ``n`` validation images of
-    the first seed), the one nearest 1 (the published rate, in log distance) wins. The test-set benchmark
+    factors whose validation average is within one binomial standard error of the best
+    (``sqrt(p (1 - p) / n)``, ``n`` validation images of the first seed), the one nearest 1 (the published
+    rate, in log distance) wins. The test-set benchmark
     then runs with the picked factors in ``output_dir``. Writes ``lr_search.json`` (``{"scales",
     "validation_shots", "validation_images", "seeds", "validation": {method: {factor: average}},
     "standard_error": {method: points}, "picked": {method: factor}}``), ``lr_search.md`` and the
@@ -398,7 +396,7 @@ def run_lr_search(
     Raises:
         ValueError: an empty grid or a factor that is not a positive number.
     """
-    if not scales or not all(map(_positive_number, scales)):
+    if not scales or not all(map(is_positive_number, scales)):
         raise ValueError(f"scales must be positive numbers, got {list(scales)!r}")
     output_dir = Path(output_dir)
     groups = spec.groups

@@ -301,9 +301,10 @@ def pretrain_tiny_clip(
     ``steps`` AdamW steps of batch ``batch_size`` (cosine schedule with warm-up) on
     `label_aware_clip_loss` with ``cross_domain_weight`` (1, the shipped model: every caption of the object
     is a positive; 0: only captions of the image's own style are). ``image_size`` (a multiple of the 8-px
-    patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and thread count. Writes ``config.json``,
-    ``model.safetensors``, tokenizer files, ``preprocessor_config.json`` and ``pretraining.json``
-    (arguments, run time, final loss, per-domain zero-shot accuracy), which is also returned.
+    patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and
+    thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
+    ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final loss, per-domain
+    zero-shot accuracy), which is also returned.
     """
     if image_size < 8 or image_size % 8:
         raise ValueError(

@@ -22,7 +22,8 @@ class Recipe:
         options: builder options (e.g. ``ctx_init="a photo of a"``).
         source: where the recipe comes from.
         lr_scale: factor on the learning rate (``train["lr"]``, else the shared one), picked from
-            `peft_mmap.options.LR_SCALES` on a validation split (`peft_mmap.apps.bench.run_lr_search`); 1 = as published.
+            `peft_mmap.options.LR_SCALES` on a validation split (`peft_mmap.apps.bench.run_lr_search`);
+            1 = as published.
     """
 
     train: Mapping[str, object] = field(default_factory=dict)
