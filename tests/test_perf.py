@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from peft_mmap.apps.perf import (
     OFFICE_HOME_CLASSES,
     SERVING,
     TRAIN_METHODS,
+    flop_counter,
     interleaved_seconds,
     perf_clip_config,
     quartiles,
@@ -203,6 +206,62 @@ def test_interleaved_seconds_runs_round_robin_with_a_rotating_start():
     assert all(t >= 0 for v in times.values() for t in v)
 
 
+def test_interleaved_seconds_times_short_calls_in_blocks_of_a_fixed_count():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "ABC"}
+    times = interleaved_seconds(calls, rounds=3, warmup=2, device=torch.device("cpu"), min_seconds=1e-3)
+    assert order[:6] == list("ABCABC")  # two warm-up rounds of one call each
+    blocks = [(name, len(list(run))) for name, run in itertools.groupby(order[6:])]
+    assert [name for name, _ in blocks] == list("ABC" + "BCA" + "CAB")
+    counts = {name: {n for b, n in blocks if b == name} for name in "ABC"}
+    assert all(len(n) == 1 for n in counts.values())  # one block size per variant
+    assert {k: len(v) for k, v in times.items()} == {"A": 3, "B": 3, "C": 3}
+
+
+def test_flop_counter_counts_fused_attention_on_cpu():
+    batch, heads, queries, keys, dim = 2, 3, 5, 7, 4
+    q = torch.randn(batch, heads, queries, dim, requires_grad=True)
+    k, v = torch.randn(batch, heads, keys, dim), torch.randn(batch, heads, keys, dim)
+    forward, backward = flop_counter(), flop_counter()
+    with forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with backward:
+        out.sum().backward()
+    products = 2 * batch * heads * queries * keys * dim  # one (queries x dim) @ (dim x keys) product
+    assert forward.get_total_flops() == 2 * products  # scores, then scores @ values
+    assert backward.get_total_flops() == 5 * products  # torch's count: scores recomputed + 4 gradients
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="keep_freed_memory tunes glibc's malloc")
+def test_keep_freed_memory_lets_a_step_reuse_memory_without_page_faults():
+    # In a fresh process (the setting is process-wide): a 64 MiB block allocated and freed, six times.
+    code = """if True:
+        import sys, torch
+        from peft_mmap.apps.perf import keep_freed_memory, minor_page_faults
+        if sys.argv[1] == "keep":
+            assert keep_freed_memory()
+        faults = []
+        for _ in range(6):
+            before = minor_page_faults()
+            torch.ones(2**24).sum()
+            faults.append(minor_page_faults() - before)
+        print(min(faults[3:]))  # once the heap has settled
+    """
+    faults = {}
+    for mode in ("keep", "system"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[mode] = int(done.stdout)
+    pages = 2**26 // 4096
+    assert faults["system"] >= pages // 2  # glibc maps the block anew: every page faults in again
+    assert faults["keep"] < pages // 10  # the freed block is reused
+
+
 def test_quartiles_and_ratio_spread():
     assert quartiles([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0}
     assert quartiles([2.0]) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
@@ -220,6 +279,8 @@ def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> Non
         assert 0 < q["q1"] <= q["median"] <= q["q3"] and len(entry["rounds_s"]) == result["rounds"]
         assert entry["gflop"] == pytest.approx(entry["gflop_forward"] + entry["gflop_backward"])
         assert entry["gflop_forward"] > 0 and entry["peak_mem_mb"] >= 0 and entry["mfu"] > 0
+        if sys.platform == "linux":
+            assert len(entry["page_faults"]) == result["rounds"] and min(entry["page_faults"]) >= 0
     # A frozen weight gets no gradient: full fine-tuning's backward costs more than its forward, VPT's less.
     train = result["train"]
     if {"full_ft", "vpt_deep"} <= methods:
@@ -244,8 +305,11 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
     from peft_mmap.apps.cli import main
 
     options = "perf --arch tiny --batch 2 --infer-batches 1,2 --rounds 2 --warmup 0 --peak-tflops 1"
-    main([*options.split(), "--methods", "mmap,vpt_deep,full_ft", "--profile", "--output", str(tmp_path)])
+    methods = ["--methods", "mmap,vpt_deep,full_ft"]
+    # --system-malloc: the allocator setting would last for the rest of this test process.
+    main([*options.split(), *methods, "--system-malloc", "--profile", "--output", str(tmp_path)])
     result = json.loads((tmp_path / "perf.json").read_text())
+    assert result["malloc"] == "the system's default"
     profile = (tmp_path / "profile.md").read_text()
     for section in (
         "zeroshot: 8 batch-1 calls",
@@ -286,6 +350,7 @@ def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
     result = json.loads((tmp_path / "out" / "perf.json").read_text())
     _check_perf_json(result, set(TRAIN_METHODS), [1, 2])
     assert result["peak_tflops"] == 989 and result["batch"] == 2
+    assert result["malloc"].startswith("glibc keeping freed memory") == GLIBC
     assert "## mmap" in (tmp_path / "out" / "profile.md").read_text()
 
 

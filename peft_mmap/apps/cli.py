@@ -763,6 +763,12 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
         "one training step (MmAP, full fine-tuning).",
     )
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="on CPU, leave glibc's malloc as it is: it returns large freed blocks to the system, and every "
+        "step then pays page faults to get them back (by default perf keeps freed memory for reuse).",
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("perf"), help="writes perf.json and perf.md here."
     )
 

@@ -21,6 +21,7 @@ download). Measured side by side:
   text features of every task cached, for zero-shot CLIP and MmAP switching task on every call (the
   serving pattern), and MmAP on batches mixing the four tasks (one vision pass with per-sample prompts);
   the FLOP floor of each ratio (one call of each counted) says what the extra prompt tokens alone cost;
+  each variant runs a block of calls of about `SERVING_BLOCK_S` per round, timed per call;
 * **text tower** (``text``): MmAP text features forward + backward for one task with the class prompts
   padded to the longest prompt (what the library does) and to the 77 positions of CLIP's text encoder.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import functools
 import gc
 import itertools
@@ -49,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from ..baselines import build_method
@@ -77,8 +79,75 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "text_pad77_over_dynamic": (">=", 3.0, "text tower step time, 77 tokens / longest prompt"),
 }
 
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu``: query/key/value ``(B, heads, L, d)``."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` (same count as CUDA's)."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts fused attention on CPU.
+
+    torch's counter has formulas for the CUDA attention kernels only; on CPU ``scaled_dot_product_attention``
+    runs ``_scaled_dot_product_flash_attention_for_cpu``, which it would count as 0 FLOPs (the attention
+    products of every method, and the prompt tokens' share of them). Counted with torch's formulas for the
+    CUDA kernels.
+    """
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+        },
+    )
+
+
+#: glibc ``mallopt`` parameters (``<malloc.h>``).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for reuse; returns whether it applied.
+
+    By default glibc serves large blocks with ``mmap``, unmaps them when they are freed and trims the heap
+    top, so a training step that frees its activations and allocates them again makes the kernel zero-fill
+    every page anew: on ViT-B/16 at batch 16 on 2 cores we measured 0.3-1.1 M minor page faults and 1.5-7 s
+    of system time in a 10-15 s step, more or less depending on what the step before it freed. With mmap off
+    and trimming off, steps reuse the memory, as PyTorch's caching allocator does on CUDA. Process-wide and
+    permanent; only on Linux with glibc (elsewhere nothing changes and this returns ``False``).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``), or ``None`` where it is not available."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 #: Serving variants timed at every inference batch size (see `_Bench.measure_inference`).
 SERVING = ("zeroshot", "mmap", "mmap_mixed")
+#: Each serving variant runs for about this many seconds per round (`interleaved_seconds`' ``min_seconds``):
+#: a batch-1 ViT-B/16 call on 2 CPU cores takes about 0.3 s, and single calls varied by ±10 % round to round.
+SERVING_BLOCK_S = 2.0
 _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -152,33 +221,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(call: Callable[[], object], repeat: int, device: torch.device) -> float:
+    """Wall seconds per call of ``repeat`` back-to-back calls of ``call``."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        call()
+    _sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
 def interleaved_seconds(
     calls: dict[str, Callable[[], object]],
     rounds: int,
     warmup: int,
     device: torch.device,
     log: Callable[[str], None] | None = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Wall seconds of every call in ``calls``, timed round-robin.
+    """Wall seconds per call of every variant in ``calls``, timed round-robin.
 
-    ``warmup`` untimed rounds, then ``rounds`` timed ones; each round calls every variant once, starting one
-    variant later than the round before (A B C, B C A, C A B, ...). Returns ``{name: [seconds per round]}``,
-    so ``result[a][r] / result[b][r]`` is the ratio of ``a`` to ``b`` in round ``r``. ``log`` gets a line per
-    round.
+    ``warmup`` untimed rounds, then ``rounds`` timed ones; each round runs every variant once, starting one
+    variant later than the round before (A B C, B C A, C A B, ...). With ``min_seconds``, a variant runs as
+    a block of back-to-back calls that lasts about that long (the count is fixed from its last warm-up
+    call; one call without warm-up), so a short call's jitter averages out within the block. Returns
+    ``{name: [seconds per call, one per round]}``, so ``result[a][r] / result[b][r]`` is the ratio of ``a``
+    to ``b`` in round ``r``. ``log`` gets a line per round.
     """
     names = list(calls)
+    repeat = dict.fromkeys(names, 1)
     for _ in range(warmup):
         for name in names:
-            calls[name]()
+            seconds = _timed(calls[name], 1, device)
+            repeat[name] = max(1, round(min_seconds / max(seconds, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = time.perf_counter()
-            calls[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_timed(calls[name], repeat[name], device))
         if log is not None:
             log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names))
     return times
@@ -285,7 +365,7 @@ class _Bench:
         """One training step with its forward and backward FLOPs and the memory it needs beyond the weights."""
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
-        forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+        forward, backward = flop_counter(), flop_counter()
         cuda = self.device.type == "cuda"
         if cuda:
             _sync(self.device)
@@ -312,9 +392,12 @@ class _Bench:
         """Per method: step seconds (round-robin over ``names``), FLOPs and memory of one step.
 
         Every model stays resident for the interleaved timing. Its first step (one of the ``warmup`` steps,
-        at least one) creates the optimizer state and is the one whose FLOPs and memory are counted.
+        at least one) creates the optimizer state and is the one whose FLOPs and memory are counted. Each
+        entry also gets the minor page faults of its timed steps (``page_faults``; ``None`` without
+        ``getrusage``): the kernel work of touching freshly mapped memory, which the FLOPs do not see.
         """
         steps: dict[str, Callable[[], None]] = {}
+        faults: dict[str, list[int]] = {name: [] for name in names}
         result: dict[str, dict] = {}
         for name in names:
             model = self.build_trainer(name)
@@ -324,14 +407,18 @@ class _Bench:
             with rows():
                 result[name] = self.counted_step(model, optimizer)
 
-            def step(model=model, optimizer=optimizer, rows=rows) -> None:
+            def step(model=model, optimizer=optimizer, rows=rows, faults=faults[name]) -> None:
+                before = minor_page_faults()
                 with rows():
                     self.train_step(model, optimizer)
+                if before is not None:
+                    faults.append(minor_page_faults() - before)
 
             steps[name] = step
         times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device, self.log)
         for name, entry in result.items():
             entry["seconds"] = times[name]
+            entry["page_faults"] = faults[name][-rounds:] or None
         return result
 
     def serving_models(self) -> dict[str, CLIPTaskClassifier]:
@@ -368,18 +455,22 @@ class _Bench:
         }
 
     def measure_inference(self, batches: Sequence[int], rounds: int, warmup: int) -> dict[str, dict]:
-        """Per batch size: seconds per call of every `SERVING` variant (round-robin) and its FLOPs."""
+        """Per batch size: seconds per call of every `SERVING` variant and its FLOPs.
+
+        Round-robin, each variant timed as a block of calls lasting about `SERVING_BLOCK_S` (calibrated in
+        the warm-up rounds).
+        """
         models = self.serving_models()
         result = {}
         for batch in batches:
             calls = self.serving_calls(models, batch)
             gflop = {}
             for name, call in calls.items():
-                counter = FlopCounterMode(display=False)
+                counter = flop_counter()
                 with counter:
                     call()
                 gflop[name] = counter.get_total_flops() / 1e9
-            times = interleaved_seconds(calls, rounds, warmup, self.device, self.log)
+            times = interleaved_seconds(calls, rounds, warmup, self.device, self.log, SERVING_BLOCK_S)
             result[f"b{batch}"] = {"batch": batch, "gflop": gflop, "seconds": times}
         return result
 
@@ -570,6 +661,7 @@ def _train_entry(entry: dict, batch: int, peak_tflops: float | None) -> dict:
         "gflop": _gflop(entry),
         "gflop_per_s": _gflop(entry) / seconds,
         "peak_mem_mb": entry["peak_mem_mb"],
+        "page_faults": entry["page_faults"],
     }
     if peak_tflops is not None:
         out["mfu"] = _gflop(entry) / seconds / (peak_tflops * 1e3)
@@ -659,17 +751,21 @@ def markdown_report(result: dict) -> str:
         f"`{result['arch']}` shapes, training batch {result['batch']}, {result['precision']}, {device}; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up; median [q1, q3]",
         "",
-        "| Method | Train step (s) | Train img/s | GFLOP fwd + bwd | GFLOP/s | Peak memory (MB) |"
-        + (" MFU |" if mfu else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""),
+        "| Method | Train step (s) | Train img/s | GFLOP fwd + bwd | GFLOP/s | Peak memory (MB) | "
+        "Page faults / step |" + (" MFU |" if mfu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""),
     ]
     for name, entry in result["train"].items():
+        faults = entry.get("page_faults")
         lines.append(
             f"| `{name}` | {_iqr(entry['step_s'])} | {entry['img_per_s']:.1f} | "
             f"{entry['gflop_forward']:.1f} + {entry['gflop_backward']:.1f} | {entry['gflop_per_s']:.1f} | "
-            f"{entry['peak_mem_mb']:.0f} |" + (f" {100 * entry['mfu']:.1f}% |" if mfu else "")
+            f"{entry['peak_mem_mb']:.0f} | {'-' if not faults else f'{statistics.median(faults):,.0f}'} |"
+            + (f" {100 * entry['mfu']:.1f}% |" if mfu else "")
         )
     lines += ["", f"Peak memory: {result['peak_mem_kind']}."]
+    if result.get("malloc"):
+        lines += [f"CPU memory allocator: {result['malloc']}."]
     if mfu:
         lines += [f"MFU against a dense peak of {result['peak_tflops']} TFLOP/s."]
     if result.get("train_ratios"):
@@ -722,6 +818,9 @@ def run_perf(args: argparse.Namespace) -> dict:
         raise ValueError(f"--methods {args.methods}: known methods are {list(TRAIN_METHODS)}.")
     if not args.infer_batches:
         raise ValueError("--infer-batches: expected at least one batch size, e.g. 1,4,16.")
+    malloc = "the system's default"
+    if torch.device(args.device).type == "cpu" and not args.system_malloc and keep_freed_memory():
+        malloc = "glibc keeping freed memory for reuse (`keep_freed_memory`; `--system-malloc` turns it off)"
     result = run_benchmark(
         args.arch,
         args.device,
@@ -733,6 +832,7 @@ def run_perf(args: argparse.Namespace) -> dict:
         args.peak_tflops,
         args.infer_batches,
     )
+    result["malloc"] = malloc
     atomic_write_json(args.output / "perf.json", result)
     report = markdown_report(result)
     atomic_write_text(args.output / "perf.md", report)
