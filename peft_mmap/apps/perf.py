@@ -9,10 +9,12 @@ download). Measured side by side:
   ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
   backbone), and ``mmap_all_rows`` (MmAP also computing the layer outputs at prompt positions that are
   discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted
-  by ``torch.utils.flop_counter`` on its first step (machine-independent; a frozen weight gets no
-  gradient, so a prompt method's backward costs about its forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's
-  time ratio to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP,
-  above 1 is MmAP overhead the FLOPs do not explain;
+  by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on its first step
+  (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs about its
+  forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's time ratio
+  to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP, above 1 is
+  MmAP overhead the FLOPs do not explain. ``page_faults`` counts each timed step's minor page faults (the
+  command line keeps freed memory for reuse on CPU, `keep_freed_memory`, so steps should have none);
 * **memory** (``peak_mem_mb``): what the first step needs on top of the weights: on CUDA
   ``torch.cuda.max_memory_allocated`` during it minus the memory allocated before it; on CPU the bytes of
   the tensors saved for backward (distinct storages, parameters excluded, counted with
@@ -119,7 +121,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves large blocks with ``mmap``, unmaps them when they are freed and trims the heap
     top, so a training step that frees its activations and allocates them again makes the kernel zero-fill
-    every page anew: on ViT-B/16 at batch 16 on 2 cores we measured 0.3-1.1 M minor page faults and 1.5-7 s
+    every page anew: on ViT-B/16 at batch 16 on 2 cores we measured 0.2-1.1 M minor page faults and up to 7 s
     of system time in a 10-15 s step, more or less depending on what the step before it freed. With mmap off
     and trimming off, steps reuse the memory, as PyTorch's caching allocator does on CUDA. Process-wide and
     permanent; only on Linux with glibc (elsewhere nothing changes and this returns ``False``).
