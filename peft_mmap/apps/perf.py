@@ -409,12 +409,12 @@ class _Bench:
             with rows():
                 result[name] = self.counted_step(model, optimizer)
 
-            def step(model=model, optimizer=optimizer, rows=rows, faults=faults[name]) -> None:
+            def step(model=model, optimizer=optimizer, rows=rows, step_faults=faults[name]) -> None:
                 before = minor_page_faults()
                 with rows():
                     self.train_step(model, optimizer)
                 if before is not None:
-                    faults.append(minor_page_faults() - before)
+                    step_faults.append(minor_page_faults() - before)
 
             steps[name] = step
         times = interleaved_seconds(steps, rounds, max(warmup - 1, 0), self.device, self.log)
