@@ -5,7 +5,12 @@ gradient norm of every trainable factor after one backward pass (source prompts 
 vision scales M_v, and how many tensors got exactly zero gradient), the mean loss of the first and the
 last steps of epoch 1, and the accuracy after the demo's training recipe.
 
-Usage: ``python benchmarks/mmap_init.py [--inits zeros ones normal] [--seed 1] [--epochs 5]``
+Usage: ``python benchmarks/mmap_init.py [--inits zeros ones vision_zeros normal] [--seed 1] [--epochs 5]
+[--validation-shots K]``
+
+``--validation-shots K`` holds out K of each class's training shots (`peft_mmap.validation_split`), trains
+on the rest and reports accuracy on the held-out images instead of the test set: the split on which to
+choose an initialisation.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from peft_mmap.apps.synthetic import generate_benchmark
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.baselines import build_method
 from peft_mmap.classifier import TaskSpec
-from peft_mmap.data import ImageClassificationDataset, few_shot_split, scan_image_folder
+from peft_mmap.data import ImageClassificationDataset, few_shot_split, scan_image_folder, validation_split
 from peft_mmap.evaluate import AVERAGE, evaluate
 from peft_mmap.train import train
 
@@ -36,16 +41,19 @@ def _factor(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inits", nargs="+", default=["zeros", "ones", "normal"])
+    parser.add_argument("--inits", nargs="+", default=["zeros", "ones", "vision_zeros", "normal"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--model", default=str(TINY_CLIP_PATH))
+    parser.add_argument("--validation-shots", type=int, default=None, help="evaluate on held-out shots")
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = generate_benchmark(
         cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}", images_per_class=DEMO_IMAGES_PER_CLASS
     )
     splits = few_shot_split(scan_image_folder(root), shots=DEMO_SHOTS, seed=args.seed)
+    if args.validation_shots is not None:
+        splits = validation_split(splits, args.validation_shots, args.seed)
     processor = CLIPProcessor.from_pretrained(args.model)
     base = CLIPModel.from_pretrained(args.model).eval()
     tasks = [TaskSpec(n, s.classnames) for n, s in splits.items()]
@@ -62,7 +70,10 @@ def main() -> None:
         spec.recipe("mmap", args.seed)[0], epochs=args.epochs
     )  # the demo's, no augment
     zero_shot = evaluate(build_method("zeroshot", base, processor.tokenizer, tasks), test_sets)[AVERAGE]
-    report = {"zero_shot": zero_shot, "train": config.to_dict(), "inits": {}}
+    held_out = (
+        "test" if args.validation_shots is None else f"{args.validation_shots} held-out shots per class"
+    )
+    report = {"evaluated_on": held_out, "zero_shot": zero_shot, "train": config.to_dict(), "inits": {}}
     for init in args.inits:
         torch.manual_seed(args.seed)
         mmap_config = dataclasses.replace(spec.mmap, scale_init=init)

@@ -12,14 +12,13 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .checks import is_positive_int
 from .files import check_safetensors, new_file_mode
-from .options import MMAP_CLI_FIELDS
+from .options import MMAP_CLI_FIELDS, SCALE_INITS
 from .peft_type import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
 #: single-tower models (``[text_model.|vision_model.]encoder.layers.N``).
 CLIP_ENCODER_LAYERS = r"(.*\.)?encoder\.layers\.\d+"
 
-SCALE_INITS = ("ones", "normal", "zeros")
 TOWERS = ("text", "vision")
 TOWER_SIZE_KEYS = ("hidden_size", "num_layers")
 
@@ -79,13 +78,16 @@ class MmAPConfig(PeftConfig):
     init_std: float = field(
         default=0.02, metadata={"help": "Std of the Gaussian init of the source prompts."}
     )
-    scale_init: Literal["zeros", "ones", "normal"] = field(
-        default="ones",
+    scale_init: Literal["vision_zeros", "ones", "zeros", "normal"] = field(
+        default=SCALE_INITS[0],
         metadata={
-            "help": "Init of the scaling matrices: 'ones' (each prompt starts as tiled copies of P_s ~ N(0, "
-            "init_std), text and vision prompts aligned; every factor gets a gradient at the first step), "
-            "'zeros' (prompts start as zero tokens; P_s gets no gradient until M has moved) or 'normal' "
-            "(N(0, 1) entries)."
+            "help": "Init of the scaling matrices: 'vision_zeros' (text scales at one: each text prompt starts "
+            "as tiled copies of P_s ~ N(0, init_std); vision scales at zero: each vision prompt starts as zero "
+            "tokens, which a layer's LayerNorm maps to its bias; every factor gets a gradient at the first "
+            "step, P_s through the text tower; on a vision-only model the vision scales start at one), 'ones' "
+            "(both towers' prompts start as the same tiled copies "
+            "of P_s), 'zeros' (prompts start as zero tokens; P_s gets no gradient until M has moved) or "
+            "'normal' (N(0, 1) entries)."
         },
     )
     target_modules: str | list[str] | None = field(

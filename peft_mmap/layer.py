@@ -112,9 +112,13 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             return
         m, n = config.source_shape
         scale = torch.empty(config.prompt_length // m, self.hidden_size // n)
-        if config.scale_init == "ones":
+        init = config.scale_init
+        if init == "vision_zeros":  # zeros only where a text tower can carry P_s's first gradient
+            has_text = config.tower_sizes is None or "text" in config.tower_sizes
+            init = "zeros" if self.tower == "vision" and has_text else "ones"
+        if init == "ones":
             nn.init.ones_(scale)
-        elif config.scale_init == "zeros":
+        elif init == "zeros":
             nn.init.zeros_(scale)
         else:
             nn.init.normal_(scale)

@@ -22,6 +22,9 @@ MMAP_CLI_FIELDS: dict[str, tuple[int | tuple[int, int] | None, str]] = {
 name -> (default, help). The config's field defaults and help and the CLI options are all built from it,
 so ``peft-mmap --help`` needs no peft import and the two cannot drift apart."""
 
+SCALE_INITS = ("vision_zeros", "ones", "normal", "zeros")
+"""`MmAPConfig.scale_init` choices (``--scale-init``); the first is the default."""
+
 DEFAULT_NUM_GROUPS = 2
 """Task groups found by gradient-based grouping when no number is given (``peft-mmap group`` and
 ``bench``, `peft_mmap.apps.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the

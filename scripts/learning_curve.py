@@ -1,8 +1,9 @@
 """Learning curve of one method on the demo's benchmark: loss, clean-train and test accuracy per epoch.
 
 Usage: ``python scripts/learning_curve.py [--model DIR] [--method mmap] [--epochs 5] [--augment | --no-augment]
-[--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N] [--depth K]
-[--scale-init ones|zeros|normal] [--vision-scale FACTOR] [--towers both|text|vision] [--train-without-renamed]``
+[--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N]
+[--depth K] [--scale-init vision_zeros|ones|zeros|normal] [--vision-scale FACTOR] [--towers both|text|vision]
+[--groups G] [--train-without-renamed]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
 the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
@@ -24,11 +25,13 @@ import time
 import torch
 
 from peft_mmap.apps.bench import Benchmark
+from peft_mmap.apps.cli import inline_groups
 from peft_mmap.apps.demo import cache_dir, demo_benchmark, demo_spec
 from peft_mmap.apps.synthetic import BENCHMARK_LABELS
 from peft_mmap.apps.tiny_clip import TINY_CLIP_PATH
 from peft_mmap.data import ImageClassificationDataset, class_display_name, scan_image_folder
 from peft_mmap.evaluate import AVERAGE, evaluate
+from peft_mmap.options import SCALE_INITS
 from peft_mmap.train import StepEvent, steps_per_epoch, train
 
 #: MmAP ``target_modules`` per ``--towers`` choice (``None``: the config's default, both towers).
@@ -39,7 +42,7 @@ TOWER_TARGETS = {
 }
 
 #: The grouping `peft-mmap demo` finds on its benchmark (seed 1), so a curve needs no affinity run.
-DEMO_GROUPS = [["clipart", "photo"], ["painting", "sketch"]]
+DEMO_GROUPS = [["clipart", "painting", "photo"], ["sketch"]]
 
 
 def renamed_classnames() -> set[str]:
@@ -83,10 +86,12 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, help="MmAP b (default: the demo's)")
     parser.add_argument("--source-shape", type=int, nargs=2, help="MmAP (m, n) (default: the demo's)")
     parser.add_argument("--depth", type=int, help="MmAP prompted layers (default: all)")
-    parser.add_argument("--scale-init", choices=["ones", "zeros", "normal"], help="MmAP scale init")
+    parser.add_argument("--scale-init", choices=SCALE_INITS, help="MmAP scale init")
     parser.add_argument("--vision-scale", type=float, default=1.0,
                         help="multiply a fresh MmAP adapter's vision scaling matrices by this (prompt scale)")  # fmt: skip
     parser.add_argument("--towers", choices=list(TOWER_TARGETS), default="both", help="MmAP: prompted towers")
+    parser.add_argument("--groups", type=inline_groups, default=DEMO_GROUPS,
+                        help="task groups like 'clipart,photo;painting,sketch' (default: the demo's)")  # fmt: skip
     parser.add_argument("--train-without-renamed", action="store_true",
                         help="train without the images of the BENCHMARK_LABELS classes")  # fmt: skip
     args = parser.parse_args()
@@ -114,7 +119,7 @@ def main() -> None:
                  "weight_decay": args.weight_decay}  # fmt: skip
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(args.seed)
-    model = bench.build(args.method, args.seed, data.splits, DEMO_GROUPS, options)
+    model = bench.build(args.method, args.seed, data.splits, args.groups, options)
     if args.vision_scale != 1.0:
         with torch.no_grad():
             for name, param in model.named_parameters():

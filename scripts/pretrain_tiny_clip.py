@@ -1,7 +1,7 @@
 """Pretrain the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` (deterministic, CPU, 20 minutes on 2 quiet cores).
 
 Usage: ``python scripts/pretrain_tiny_clip.py [--output-dir DIR] [--seed 0] [--steps N] [--image-size PX]
-[--cross-domain-weight W]``.
+[--cross-domain-weight W] [--unnamed-captions]``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ def main() -> None:
         default=None,
         help="target weight of a caption for an image of its class in another style (default: the shipped 1)",
     )
+    parser.add_argument(
+        "--unnamed-captions",
+        action="store_true",
+        help="replace a share of the Clipart, Sketch and Painting captions by style-only ones (pilot world)",
+    )
     args = parser.parse_args()
     given = {
         "steps": args.steps,
         "num_pairs": args.num_pairs,
         "image_size": args.image_size,
         "cross_domain_weight": args.cross_domain_weight,
+        "unnamed_captions": args.unnamed_captions or None,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = pretrain_tiny_clip(args.output_dir, seed=args.seed, num_threads=args.threads, **overrides)

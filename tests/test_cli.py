@@ -273,6 +273,9 @@ def test_mmap_options_match_the_config_fields():
         [3, 16],
         2,
     )
+    assert mmap_config(parser.parse_args([*base, "--scale-init", "ones"])).scale_init == "ones"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--scale-init", "uniform"])
 
 
 def test_bench_augment_flag_reaches_the_spec():

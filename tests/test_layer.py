@@ -39,6 +39,42 @@ def test_prompts_are_kron_of_scale_and_source_at_every_layer(clip, batch):
         torch.testing.assert_close(hidden[1, 1:9], expected)
 
 
+@pytest.mark.parametrize("scale_init", ["vision_zeros", "ones"])
+def test_scale_init_sets_where_each_towers_prompts_start(clip, scale_init):
+    """'vision_zeros' (the default): text prompts tiled copies of P_s, vision prompts zero; 'ones': both tiled."""
+    from peft import get_peft_model
+
+    from peft_mmap import MmAPConfig
+
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8), scale_init=scale_init)
+    assert MmAPConfig().scale_init == "vision_zeros"
+    model = get_peft_model(clip, config)
+    source = model.base_model.mmap_source["default"]
+    layers = [m for m in model.modules() if isinstance(m, MmAPLayer)]
+    assert {m.tower for m in layers} == {"text", "vision"}
+    for layer in layers:
+        prompt = layer.layer_prompt("default")  # (b, d)
+        tiled = torch.kron(torch.ones(2, layer.hidden_size // 8), source[layer.layer_index])
+        if layer.tower == "vision" and scale_init == "vision_zeros":
+            assert prompt.abs().sum() == 0 and prompt.shape == tiled.shape
+        else:
+            assert torch.equal(prompt, tiled), (layer.tower, layer.layer_index)
+
+
+def test_vision_zeros_starts_a_vision_only_model_at_ones_so_p_s_learns_from_the_first_step(batch):
+    from peft import get_peft_model
+    from transformers import CLIPVisionModel
+
+    from peft_mmap import MmAPConfig
+
+    model = get_peft_model(CLIPVisionModel(make_clip().config.vision_config), MmAPConfig())
+    model(pixel_values=batch["pixel_values"]).pooler_output.sum().backward()
+    source = model.base_model.mmap_source["default"]
+    assert source.grad is not None and (source.grad.flatten(1).abs().sum(-1) > 0).all()
+    for layer in (m for m in model.modules() if isinstance(m, MmAPLayer)):
+        assert torch.equal(layer.mmap_scale["default"], torch.ones_like(layer.mmap_scale["default"]))
+
+
 def test_sequence_lengths_per_layer_and_output_shapes(clip, batch):
     base = clip(**batch)
     model = _mmap(clip)

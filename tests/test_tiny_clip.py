@@ -21,6 +21,9 @@ from peft_mmap.apps.tiny_clip import (
     LABEL_SHARE,
     LOOSE_SHARE,
     TINY_CLIP_PATH,
+    UNNAMED_CAPTIONS,
+    UNNAMED_SHARE,
+    caption_corpus,
     caption_name,
     label_aware_clip_loss,
     load_tiny_clip,
@@ -135,6 +138,47 @@ def test_clip_loss_counts_same_class_pairs_by_domain() -> None:
         before = label_aware_clip_loss(logits, labels, domains, weight)
         after = label_aware_clip_loss(closer, labels, domains, weight)
         assert (after < before) == lower, weight
+
+
+def test_clip_loss_makes_an_unnamed_caption_a_positive_for_every_image_of_its_style() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4) * 3
+    labels = torch.tensor([0, 1, 2, 3])
+    domains = torch.tensor([0, 0, 1, 1])
+    all_named = torch.ones(4, dtype=torch.bool)
+    assert torch.allclose(
+        label_aware_clip_loss(logits, labels, domains, 0.5, all_named),
+        label_aware_clip_loss(logits, labels, domains, 0.5),
+    )
+    named = torch.tensor([True, False, True, True])  # caption 1 says only "a sketch." (domain 0)
+    # image 0 (another object, same style) matching caption 1: a positive once the caption is unnamed
+    closer = logits.clone()
+    closer[0, 1] += 5.0
+    for mask, lower in ((named, True), (all_named, False)):
+        before = label_aware_clip_loss(logits, labels, domains, 1.0, mask)
+        after = label_aware_clip_loss(closer, labels, domains, 1.0, mask)
+        assert (after < before) == lower
+    # image 2 (other style) matching caption 1 stays a negative
+    away = logits.clone()
+    away[2, 1] += 5.0
+    assert label_aware_clip_loss(away, labels, domains, 1.0, named) > label_aware_clip_loss(
+        logits, labels, domains, 1.0, named
+    )
+    with pytest.raises(ValueError, match="unnamed need the domains"):
+        label_aware_clip_loss(logits, labels, None, 1.0, named)
+
+
+def test_unnamed_captions_replace_a_share_of_each_style_without_the_object_name() -> None:
+    domains, classes, captions, named = caption_corpus(0, 4000, unnamed_captions=True)
+    shipped = caption_corpus(0, 4000)
+    assert (shipped[0], shipped[1]) == (domains, classes)  # same pairs, only some captions replaced
+    assert all(shipped[3])
+    for domain, share in UNNAMED_SHARE.items():
+        rows = [i for i, d in enumerate(domains) if d == domain]
+        unnamed = [i for i in rows if not named[i]]
+        assert abs(len(unnamed) / len(rows) - share) < 0.05, domain
+        assert all(captions[i] in UNNAMED_CAPTIONS[domain] for i in unnamed)
+        assert all(captions[i] == shipped[2][i] for i in rows if named[i])
 
 
 def test_pretraining_refuses_a_cross_domain_weight_outside_0_1(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from ..options import (
     PERF_METHODS,
     PERF_PRECISIONS,
     PROTOCOLS,
+    SCALE_INITS,
     TINY_ARCH,
 )
 from ..train_config import TrainConfig
@@ -236,6 +237,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"{text} (default {shown}).",
             **({"nargs": 2, "metavar": ("M", "N")} if pair else {}),
         )
+    mmap.add_argument(
+        "--scale-init",
+        choices=SCALE_INITS,
+        default=SCALE_INITS[0],
+        help=f"init of the scaling matrices (default {SCALE_INITS[0]}: text prompts start as tiled copies of "
+        "P_s, vision prompts as zero tokens; see MmAPConfig.scale_init).",
+    )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -245,10 +253,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape`` and ``--depth``."""
+    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth`` and ``--scale-init``."""
     from ..config import MmAPConfig
 
-    return MmAPConfig(**{name: getattr(args, name) for name in MMAP_CLI_FIELDS})
+    return MmAPConfig(**{name: getattr(args, name) for name in MMAP_CLI_FIELDS}, scale_init=args.scale_init)
 
 
 def num_groups_for(requested: int | str | None, num_tasks: int) -> int | None:
@@ -791,7 +799,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 quiet CPU cores: 9.9-10.4 min; --quick: 47-49 s).",
+        "switching (measured on 2 quiet CPU cores: 5.3-6.2 min, up to 10.7 min on slower ones; --quick: 26-49 s).",
         add_demo_arguments,
         run_demo,
     ),

@@ -34,7 +34,16 @@ from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, rende
 from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["AMBIGUOUS_LABELS", "TINY_CLIP_PATH", "caption_name", "load_tiny_clip", "pretrain_tiny_clip"]
+__all__ = [
+    "AMBIGUOUS_LABELS",
+    "TINY_CLIP_PATH",
+    "UNNAMED_CAPTIONS",
+    "UNNAMED_SHARE",
+    "caption_corpus",
+    "caption_name",
+    "load_tiny_clip",
+    "pretrain_tiny_clip",
+]
 
 TINY_CLIP_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip"
 
@@ -110,27 +119,47 @@ def caption_name(class_name: str, draw: float) -> str:
     return class_name.replace("_", " ")
 
 
-def _caption_corpus(seed: int, count: int) -> tuple[list[str], list[str], list[str]]:
-    """``count`` (domain, class, caption) triples drawn with the uneven domain mix, as three lists.
+#: Style-only captions, which describe an image's style without naming its object (the "unnamed styles"
+#: pilot world, ``pretrain_tiny_clip(unnamed_captions=True)``; not the shipped model).
+UNNAMED_CAPTIONS: dict[str, tuple[str, ...]] = {
+    "Photo": ("a photo.",),
+    "Clipart": ("clipart.", "a cartoon icon.", "an icon in clipart style"),
+    "Sketch": ("a sketch.", "a pencil drawing.", "a rough sketch on paper", "line art."),
+    "Painting": ("a painting.", "an oil painting on canvas", "some art."),
+}
+#: Share of each domain's captions replaced by a style-only caption in that pilot world.
+UNNAMED_SHARE: dict[str, float] = {"Photo": 0.0, "Clipart": 0.4, "Sketch": 0.6, "Painting": 0.5}
 
-    Captions name each object with :func:`caption_name`.
+
+def caption_corpus(
+    seed: int, count: int, unnamed_captions: bool = False
+) -> tuple[list[str], list[str], list[str], list[bool]]:
+    """``count`` (domain, class, caption, named) tuples drawn with the uneven domain mix, as four lists.
+
+    Captions name each object with :func:`caption_name`. With ``unnamed_captions``, a share of each domain's
+    captions (:data:`UNNAMED_SHARE`) is replaced by a style-only caption (:data:`UNNAMED_CAPTIONS`), drawn
+    from a separate random stream, and marked ``named=False``.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     names = list(_DOMAIN_WEIGHTS)
     domains = rng.choice(names, size=count, p=list(_DOMAIN_WEIGHTS.values()))
     classes = rng.choice(SYNTHETIC_CLASSES, size=count)
-    captions = []
+    templates = []
     for domain in domains:
         pool = _DOMAIN_TEMPLATES[domain] if rng.random() < 0.7 else _GENERIC_TEMPLATES
-        captions.append(pool[int(rng.integers(len(pool)))])
-    return (
-        [str(d) for d in domains],
-        [str(c) for c in classes],
-        [
-            t.format(caption_name(str(c), d))
-            for t, c, d in zip(captions, classes, rng.random(count), strict=True)
-        ],
-    )
+        templates.append(pool[int(rng.integers(len(pool)))])
+    captions = [
+        t.format(caption_name(str(c), d))
+        for t, c, d in zip(templates, classes, rng.random(count), strict=True)
+    ]
+    named = [True] * count
+    if unnamed_captions:
+        style_rng = np.random.default_rng(np.random.SeedSequence([seed, 77]))
+        for i, domain in enumerate(domains):
+            if style_rng.random() < UNNAMED_SHARE[domain]:
+                pool = UNNAMED_CAPTIONS[domain]
+                captions[i], named[i] = pool[int(style_rng.integers(len(pool)))], False
+    return [str(d) for d in domains], [str(c) for c in classes], captions, named
 
 
 def _render_batch(
@@ -263,22 +292,32 @@ def label_aware_clip_loss(
     labels: torch.Tensor,
     domains: torch.Tensor | None = None,
     cross_domain_weight: float = 1.0,
+    named: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric image-text cross-entropy where pairs of the same class are positives.
 
-    ``logits_per_image``: ``(B, B)`` scaled cosine similarities; ``labels``: ``(B,)`` class ids; ``domains``:
-    ``(B,)`` domain ids or ``None``. A pair of the same class and domain has target weight 1, a pair of the
-    same class in another domain ``cross_domain_weight`` (1: the domain does not matter; 0: a caption is a
-    positive only for images of its own style, as "a sketch of a cat" does not describe a photo of a cat).
-    Each row's target is its weights normalised to sum 1; with one positive per row this is CLIP's InfoNCE.
+    ``logits_per_image``: ``(B, B)`` scaled cosine similarities (image i, caption j); ``labels``: ``(B,)``
+    class ids; ``domains``: ``(B,)`` domain ids or ``None``. A pair of the same class and domain has target
+    weight 1, a pair of the same class in another domain ``cross_domain_weight`` (1: the domain does not
+    matter; 0: a caption is a positive only for images of its own style, as "a sketch of a cat" does not
+    describe a photo of a cat). ``named``: ``(B,)`` bool or ``None`` (all named); a caption that does not
+    name its object ("a sketch.") is a positive, weight 1, for every image of its own domain (``domains``
+    required). Each row's target is its weights normalised to sum 1; with one positive per row this is
+    CLIP's InfoNCE.
     """
     weights = (labels[:, None] == labels[None, :]).to(logits_per_image.dtype)
     if domains is not None:
         other_domain = domains[:, None] != domains[None, :]
         weights = weights * torch.where(other_domain, cross_domain_weight, 1.0).to(weights.dtype)
-    targets = weights / weights.sum(dim=1, keepdim=True)
-    image_to_text = -(targets * torch.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
-    text_to_image = -(targets * torch.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
+    if named is not None:
+        if domains is None:
+            raise ValueError("label_aware_clip_loss: captions marked unnamed need the domains of the pairs.")
+        same_domain = (domains[:, None] == domains[None, :]).to(weights.dtype)
+        weights = torch.where(named[None, :], weights, same_domain)
+    image_targets = weights / weights.sum(dim=1, keepdim=True)
+    text_targets = weights.t() / weights.t().sum(dim=1, keepdim=True)
+    image_to_text = -(image_targets * torch.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
+    text_to_image = -(text_targets * torch.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
     return (image_to_text + text_to_image) / 2
 
 
@@ -294,13 +333,16 @@ def pretrain_tiny_clip(
     log_every: int = 100,
     image_size: int = DEFAULT_IMAGE_SIZE,
     cross_domain_weight: float = 1.0,
+    unnamed_captions: bool = False,
 ) -> dict[str, object]:
     """Pretrain the tiny CLIP from scratch on synthetic image–caption pairs and save it to ``output_dir``.
 
     Renders ``num_pairs`` pairs (uneven domain mix), trains the tokenizer on their captions, then runs
     ``steps`` AdamW steps of batch ``batch_size`` (cosine schedule with warm-up) on
     `label_aware_clip_loss` with ``cross_domain_weight`` (1, the shipped model: every caption of the object
-    is a positive; 0: only captions of the image's own style are). ``image_size`` (a multiple of the 8-px
+    is a positive; 0: only captions of the image's own style are). ``unnamed_captions``: replace a share of
+    the Clipart, Sketch and Painting captions by style-only ones (:data:`UNNAMED_SHARE`), which are positives
+    for every image of their style (a pilot world, not the shipped model). ``image_size`` (a multiple of the 8-px
     patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and
     thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
     ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final loss, per-domain
@@ -319,15 +361,16 @@ def pretrain_tiny_clip(
         raise ValueError(f"Invalid cross_domain_weight={cross_domain_weight}: expected a weight in [0, 1].")
     start = time.perf_counter()
     _configure_determinism(seed, num_threads)
-    domains, classes, captions = _caption_corpus(seed, num_pairs)
+    domains, classes, captions, named = caption_corpus(seed, num_pairs, unnamed_captions)
     # The tokenizer always learns from the full-size caption corpus (captions are cheap to draw): BPE merges
     # of tied counts come out in a run-dependent order on small corpora, never on this one.
-    tokenizer = _train_tokenizer(_caption_corpus(seed, _TOKENIZER_CAPTIONS)[2], vocab_size)
+    tokenizer = _train_tokenizer(caption_corpus(seed, _TOKENIZER_CAPTIONS, unnamed_captions)[2], vocab_size)
     image_processor = _image_processor(image_size)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
     labels = torch.tensor([SYNTHETIC_CLASSES.index(c) for c in classes])
     domain_ids = torch.tensor([SYNTHETIC_DOMAINS.index(d) for d in domains])
+    named_ids = torch.tensor(named) if unnamed_captions else None
     text = tokenizer(captions, padding=True, return_tensors="pt")
     model = _build_model(tokenizer, seed, image_size)
     model.train()
@@ -356,7 +399,13 @@ def pretrain_tiny_clip(
             attention_mask=text["attention_mask"][idx],
             pixel_values=images[idx],
         ).logits_per_image
-        loss = label_aware_clip_loss(logits, labels[idx], domain_ids[idx], cross_domain_weight)
+        loss = label_aware_clip_loss(
+            logits,
+            labels[idx],
+            domain_ids[idx],
+            cross_domain_weight,
+            None if named_ids is None else named_ids[idx],
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -380,6 +429,7 @@ def pretrain_tiny_clip(
         "lr": lr,
         "image_size": image_size,
         "cross_domain_weight": cross_domain_weight,
+        "unnamed_captions": unnamed_captions,
         "vocab_size": len(tokenizer),
         "num_threads": num_threads,
         "torch_version": torch.__version__,
