@@ -342,9 +342,9 @@ def pretrain_tiny_clip(
     `label_aware_clip_loss` with ``cross_domain_weight`` (1, the shipped model: every caption of the object
     is a positive; 0: only captions of the image's own style are). ``unnamed_captions``: replace a share of
     the Clipart, Sketch and Painting captions by style-only ones (:data:`UNNAMED_SHARE`), which are positives
-    for every image of their style (a pilot world, not the shipped model). ``image_size`` (a multiple of the 8-px
-    patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and
-    thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
+    for every image of their style (a pilot world, not the shipped model). ``image_size`` (a multiple of the
+    8-px patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed
+    and thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
     ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final loss, per-domain
     zero-shot accuracy), which is also returned.
     """
