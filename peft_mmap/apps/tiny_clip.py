@@ -315,7 +315,8 @@ def label_aware_clip_loss(
         same_domain = (domains[:, None] == domains[None, :]).to(weights.dtype)
         weights = torch.where(named[None, :], weights, same_domain)
     image_targets = weights / weights.sum(dim=1, keepdim=True)
-    text_targets = weights.t() / weights.t().sum(dim=1, keepdim=True)
+    per_caption = weights.t()  # (caption j, image i)
+    text_targets = per_caption / per_caption.sum(dim=1, keepdim=True)
     image_to_text = -(image_targets * torch.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
     text_to_image = -(text_targets * torch.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
     return (image_to_text + text_to_image) / 2
