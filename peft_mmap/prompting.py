@@ -13,8 +13,9 @@ callback for the slots (the prompt baselines). At every layer:
 
 A layer's outputs at the prompt positions are read only when the next layer lets a slot flow through: when
 the next layer replaces every slot, or after the last layer, they are discarded. Such a layer computes only
-the other rows (`forward_keeping_sequence_rows`): the prompts still give keys and values, but their queries,
-attention output, out-projection and MLP are skipped. With full-depth deep prompts that removes every
+the other rows (`forward_keeping_sequence_rows`): the prompts still give keys and values (computed once
+per batch when every row has the same prompts), but their queries, attention output, out-projection and MLP
+are skipped. With full-depth deep prompts that removes every
 prompt row from all of that work (MmAP on ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class
 prompt in the text tower). Results are those of the full computation up to floating-point rounding;
 `computing_prompt_rows` turns the skipping off (the reference in tests and benchmarks).
@@ -125,24 +126,39 @@ def forward_with_prompt_slots(
     skip = _SKIP_DISCARDED_ROWS.get()
     batch = hidden_states.shape[0]
     total = sum(length for _, length in slots)
+    rows = slice(1, 1 + total)
     has_prompt_rows = layer_index > 0 and not (skip and all(p is not None for p, _ in slots))
-    pieces, offset = [hidden_states[:, :1]], 1
+    pieces, offset = [], 1
     for prompts, length in slots:
         if prompts is None:
             if layer_index == 0:
                 raise RuntimeError("A prompt slot has no tokens at the first layer.")
             prompts = hidden_states[:, offset : offset + length]
-        pieces.append(prompts.to(hidden_states.dtype).expand(batch, -1, -1))
+        pieces.append(prompts.to(hidden_states.dtype).reshape(-1, length, hidden_states.shape[-1]))
         offset += length
-    rest = hidden_states[:, 1 + total :] if has_prompt_rows else hidden_states[:, 1:]
-    hidden_states = torch.cat([*pieces, rest], dim=1)
+    prompts = _join_prompt_pieces(pieces, batch)
+    sequence = _without_rows(hidden_states, rows) if has_prompt_rows else hidden_states
     mask = expand_attention_mask(attention_mask, total)
     if layer_index == num_layers - 1 or (skip and next_layer_replaces):
-        rows = slice(1, 1 + total)
         if skip and _can_skip_rows(base_layer, mask, kwargs):
-            return forward_keeping_sequence_rows(base_layer, hidden_states, mask, rows, **kwargs)
-        return _without_rows(base_layer(hidden_states, mask, **kwargs), rows)
-    return base_layer(hidden_states, mask, **kwargs)
+            return forward_keeping_sequence_rows(base_layer, sequence, prompts, mask, **kwargs)
+        return _without_rows(base_layer(_with_prompts(sequence, prompts), mask, **kwargs), rows)
+    return base_layer(_with_prompts(sequence, prompts), mask, **kwargs)
+
+
+def _join_prompt_pieces(pieces: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """The slots' tokens ``(1 or B, n_i, d)`` one after the other: ``(1, T, d)`` when every slot is the same for
+    all rows, else ``(B, T, d)``."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if all(piece.shape[0] == 1 for piece in pieces):
+        return torch.cat(pieces, dim=1)
+    return torch.cat([piece.expand(batch, -1, -1) for piece in pieces], dim=1)
+
+
+def _with_prompts(sequence: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """``sequence`` ``(B, L, k)`` with ``prompts`` ``(1 or B, T, k)`` inserted after position 0: ``(B, L + T, k)``."""
+    return torch.cat([sequence[:, :1], prompts.expand(sequence.shape[0], -1, -1), sequence[:, 1:]], dim=1)
 
 
 def _without_rows(tensor: torch.Tensor, rows: slice, dim: int = 1) -> torch.Tensor:
@@ -174,38 +190,40 @@ def _can_skip_rows(layer: nn.Module, mask: torch.Tensor | None, kwargs: dict[str
 
 
 def forward_keeping_sequence_rows(
-    layer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, rows: slice, **kwargs: Any
+    layer: nn.Module, sequence: torch.Tensor, prompts: torch.Tensor, mask: torch.Tensor | None, **kwargs: Any
 ) -> torch.Tensor:
-    """``layer(hidden_states, mask)`` without the positions ``rows``, computed without their queries.
+    """``layer`` over ``sequence`` with ``prompts`` inserted after position 0, returning the sequence rows only.
 
-    ``layer`` is a ``CLIPEncoderLayer`` (see `_can_skip_rows`); ``hidden_states``: ``(B, S, d)``; ``mask``:
-    ``None`` or ``(B, 1, S or 1, S)``. Every position still gives keys and values; only the other ``S -
-    len(rows)`` positions get queries, attention output, out-projection and MLP. Returns ``(B, S - len(rows),
-    d)``.
+    ``layer`` is a ``CLIPEncoderLayer`` (see `_can_skip_rows`); ``sequence``: ``(B, L, d)``; ``prompts``:
+    ``(1 or B, T, d)``; ``mask``: ``None`` or ``(B, 1, L + T or 1, L + T)`` over the sequence with the prompts.
+    The prompts give keys and values only (computed once for the batch when ``prompts`` has one row); the
+    ``L`` sequence positions get queries, attention output, out-projection and MLP. Returns ``(B, L, d)``,
+    what ``layer`` computes at those positions.
     """
     attn = layer.self_attn
-    batch, length, _ = hidden_states.shape
-    kept = length - (rows.stop - rows.start)
-    normed = layer.layer_norm1(hidden_states)
+    batch, length, _ = sequence.shape
+    total = prompts.shape[1]
+    normed, normed_prompts = layer.layer_norm1(sequence), layer.layer_norm1(prompts)
 
     def heads(states: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, head_dim)
         return states.view(batch, states.shape[1], -1, attn.head_dim).transpose(1, 2)
 
-    queries = heads(attn.q_proj(_without_rows(normed, rows)))
-    keys, values = heads(attn.k_proj(normed)), heads(attn.v_proj(normed))
+    queries = heads(attn.q_proj(normed))
+    keys = heads(_with_prompts(attn.k_proj(normed), attn.k_proj(normed_prompts)))
+    values = heads(_with_prompts(attn.v_proj(normed), attn.v_proj(normed_prompts)))
     if mask is None and kwargs.get("is_causal"):  # sdpa text tower without padding: make the mask explicit
-        causal = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).tril()
-        mask = torch.zeros(length, length, dtype=queries.dtype, device=hidden_states.device)
+        full = length + total
+        causal = torch.ones(full, full, dtype=torch.bool, device=sequence.device).tril()
+        mask = torch.zeros(full, full, dtype=queries.dtype, device=sequence.device)
         mask = mask.masked_fill(~causal, torch.finfo(queries.dtype).min)[None, None]
     kwargs = {**kwargs, "is_causal": False}
     if mask is not None and mask.shape[-2] > 1:
-        mask = _without_rows(mask, rows, dim=-2)
+        mask = _without_rows(mask, slice(1, 1 + total), dim=-2)
     implementation = attn.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     dropout = attn.dropout if attn.training else 0.0
     attended, _ = interface(attn, queries, keys, values, mask, scaling=attn.scale, dropout=dropout, **kwargs)
-    attended = attn.out_proj(attended.reshape(batch, kept, -1).contiguous())
-    hidden = _without_rows(hidden_states, rows) + attended
+    hidden = sequence + attn.out_proj(attended.reshape(batch, length, -1).contiguous())
     return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 

@@ -1,7 +1,7 @@
 """Pretrain the tiny CLIP shipped in ``peft_mmap/assets/tiny-clip`` (deterministic, CPU, 20 minutes on 2 quiet cores).
 
 Usage: ``python scripts/pretrain_tiny_clip.py [--output-dir DIR] [--seed 0] [--steps N] [--image-size PX]
-[--cross-domain-weight W] [--unnamed-captions]``.
+[--cross-domain-weight W] [--unnamed-captions] [--home-domain-share S]``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def main() -> None:
         action="store_true",
         help="replace a share of the Clipart, Sketch and Painting captions by style-only ones (pilot world)",
     )
+    parser.add_argument(
+        "--home-domain-share",
+        type=float,
+        default=None,
+        help="share of each object's pairs drawn in its home style (pilot world; default: styles independent of objects)",
+    )
     args = parser.parse_args()
     given = {
         "steps": args.steps,
@@ -43,6 +49,7 @@ def main() -> None:
         "image_size": args.image_size,
         "cross_domain_weight": args.cross_domain_weight,
         "unnamed_captions": args.unnamed_captions or None,
+        "home_domain_share": args.home_domain_share,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     report = pretrain_tiny_clip(args.output_dir, seed=args.seed, num_threads=args.threads, **overrides)

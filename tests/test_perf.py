@@ -279,6 +279,7 @@ def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> Non
         assert 0 < q["q1"] <= q["median"] <= q["q3"] and len(entry["rounds_s"]) == result["rounds"]
         assert entry["gflop"] == pytest.approx(entry["gflop_forward"] + entry["gflop_backward"])
         assert entry["gflop_forward"] > 0 and entry["peak_mem_mb"] >= 0 and entry["mfu"] > 0
+        assert 0 < entry["gflop_attention"] < entry["gflop"]
         if sys.platform == "linux":
             assert len(entry["page_faults"]) == result["rounds"] and min(entry["page_faults"]) >= 0
     # A frozen weight gets no gradient: full fine-tuning's backward costs more than its forward, VPT's less.
@@ -319,9 +320,12 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
         assert f"## {section}" in profile
     full_ft = profile.split("## full_ft: one training step (batch 2)")[1]
     split = re.search(
-        r"matrix products [\d.]+ ms \(([\d.]+) %\), other [\d.]+ ms \(([\d.]+) %\) \(optimizer step", full_ft
+        r"matrix products ([\d.]+) ms \(([\d.]+) %; attention kernels ([\d.]+) ms\), other [\d.]+ ms "
+        r"\(([\d.]+) %\) \(optimizer step",
+        full_ft,
     )
-    assert split and abs(float(split[1]) + float(split[2]) - 100) < 0.2
+    assert split and abs(float(split[2]) + float(split[4]) - 100) < 0.2
+    assert float(split[3]) <= float(split[1])
     _check_perf_json(result, {"mmap", "vpt_deep", "full_ft"}, [1, 2])
     report = (tmp_path / "perf.md").read_text()
     assert "| `mmap` |" in report and "| vpt_deep |" in report and "| 2 |" in report

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import COLOURS, WORKSPACE_TASKS
 
-from peft_mmap.apps.probe import PENALTIES, fit_probe, probe_accuracy
+from peft_mmap.apps.probe import PENALTIES, fit_probe, measure_headroom, probe_accuracy
+from peft_mmap.data import scan_image_folder
 
 
 def _clusters(
@@ -33,3 +35,13 @@ def test_a_strong_penalty_keeps_the_initial_head() -> None:
     init = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
     weight = fit_probe(features, labels, init, penalty=1e6)
     torch.testing.assert_close(weight, init, atol=1e-3, rtol=0)
+
+
+def test_headroom_reports_each_class_and_the_classes_average_to_the_task(workspace) -> None:
+    result = measure_headroom(workspace / "model", scan_image_folder(workspace / "data"), shots=2, seeds=[1])
+    assert set(result["tasks"]) == set(WORKSPACE_TASKS)
+    for row in result["tasks"].values():
+        assert set(row["classes"]) == set(COLOURS)
+        for key in ("zero_shot", "probe"):  # 2 test images per class: the class mean is the task accuracy
+            per_class = [accuracy[key] for accuracy in row["classes"].values()]
+            assert abs(sum(per_class) / len(per_class) - row[key]) < 1e-3  # float32 means

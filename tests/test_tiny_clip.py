@@ -15,7 +15,7 @@ from conftest import assert_umask_modes, process_umask
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, render_image
+from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
 from peft_mmap.apps.tiny_clip import (
     AMBIGUOUS_LABELS,
     LABEL_SHARE,
@@ -25,6 +25,7 @@ from peft_mmap.apps.tiny_clip import (
     UNNAMED_SHARE,
     caption_corpus,
     caption_name,
+    home_domain,
     label_aware_clip_loss,
     load_tiny_clip,
     pretrain_tiny_clip,
@@ -166,6 +167,24 @@ def test_clip_loss_makes_an_unnamed_caption_a_positive_for_every_image_of_its_st
     )
     with pytest.raises(ValueError, match="unnamed need the domains"):
         label_aware_clip_loss(logits, labels, None, 1.0, named)
+
+
+def test_home_domain_share_draws_that_share_of_each_objects_pairs_in_its_home_style() -> None:
+    shipped = caption_corpus(0, 4000)
+    assert caption_corpus(0, 4000, home_domain_share=None) == shipped
+    domains, classes, _, _ = caption_corpus(0, 4000, home_domain_share=0.6)
+    assert classes == shipped[1]
+    for class_name in ("circle", "star"):
+        rows = [i for i, c in enumerate(classes) if c == class_name]
+        home = sum(domains[i] == home_domain(class_name) for i in rows) / len(rows)
+        base = sum(shipped[0][i] == home_domain(class_name) for i in rows) / len(rows)
+        assert abs(home - (0.6 + 0.4 * base)) < 0.08, class_name
+    assert {home_domain(c) for c in SYNTHETIC_CLASSES} == set(SYNTHETIC_DOMAINS)
+
+
+def test_pretraining_refuses_a_home_domain_share_outside_0_1(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"home_domain_share=1\.5"):
+        pretrain_tiny_clip(tmp_path, home_domain_share=1.5)
 
 
 def test_unnamed_captions_replace_a_share_of_each_style_without_the_object_name() -> None:

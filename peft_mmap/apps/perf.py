@@ -11,7 +11,7 @@ download). Measured side by side:
   discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted
   by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on its first step
   (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs about its
-  forward and full fine-tuning's about twice). ``train_ratios`` gives, for every method, MmAP's time ratio
+  forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels. ``train_ratios`` gives, for every method, MmAP's time ratio
   to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP, above 1 is
   MmAP overhead the FLOPs do not explain. ``page_faults`` counts each timed step's minor page faults (the
   command line keeps freed memory for reuse on CPU, `keep_freed_memory`, so steps should have none);
@@ -110,6 +110,12 @@ def flop_counter() -> FlopCounterMode:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
         },
     )
+
+
+def attention_gflop(counter: FlopCounterMode) -> float:
+    """GFLOP that ``counter`` counted in attention kernels (``scaled_dot_product_*``, forward or backward)."""
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(flops for op, flops in counts.items() if "scaled_dot_product" in str(op)) / 1e9
 
 
 #: glibc ``mallopt`` parameters (``<malloc.h>``).
@@ -387,6 +393,7 @@ class _Bench:
         return {
             "gflop_forward": forward.get_total_flops() / 1e9,
             "gflop_backward": backward.get_total_flops() / 1e9,
+            "gflop_attention": attention_gflop(forward) + attention_gflop(backward),
             "peak_mem_mb": extra / 2**20,
         }
 
@@ -558,12 +565,14 @@ def profile_section(
     ops = [e for e in events if e.key.startswith("aten::")]
     total = sum(getattr(e, attr) for e in ops) or 1.0
     matmul = sum(getattr(e, attr) for e in ops if any(m in e.key for m in MATMUL_OPS))
+    attention = sum(getattr(e, attr) for e in ops if "scaled_dot_product" in e.key)
     inclusive = "device_time_total" if cuda else "cpu_time_total"
     optimizer = sum(getattr(e, inclusive) for e in events if e.key.startswith("Optimizer.step"))
     count = sum(e.count for e in ops)
     summary = (
         f"{count / calls:.0f} aten ops per call; aten self time {total / 1e3 / calls:.1f} ms per call: "
-        f"matrix products {matmul / 1e3 / calls:.1f} ms ({100 * matmul / total:.1f} %), "
+        f"matrix products {matmul / 1e3 / calls:.1f} ms ({100 * matmul / total:.1f} %; attention kernels "
+        f"{attention / 1e3 / calls:.1f} ms), "
         f"other {(total - matmul) / 1e3 / calls:.1f} ms ({100 * (total - matmul) / total:.1f} %)"
     )
     if optimizer:
@@ -661,6 +670,7 @@ def _train_entry(entry: dict, batch: int, peak_tflops: float | None) -> dict:
         "gflop_forward": entry["gflop_forward"],
         "gflop_backward": entry["gflop_backward"],
         "gflop": _gflop(entry),
+        "gflop_attention": entry["gflop_attention"],
         "gflop_per_s": _gflop(entry) / seconds,
         "peak_mem_mb": entry["peak_mem_mb"],
         "page_faults": entry["page_faults"],
@@ -753,15 +763,16 @@ def markdown_report(result: dict) -> str:
         f"`{result['arch']}` shapes, training batch {result['batch']}, {result['precision']}, {device}; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up; median [q1, q3]",
         "",
-        "| Method | Train step (s) | Train img/s | GFLOP fwd + bwd | GFLOP/s | Peak memory (MB) | "
-        "Page faults / step |" + (" MFU |" if mfu else ""),
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""),
+        "| Method | Train step (s) | Train img/s | GFLOP fwd + bwd | of which attention | GFLOP/s | "
+        "Peak memory (MB) | Page faults / step |" + (" MFU |" if mfu else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""),
     ]
     for name, entry in result["train"].items():
         faults = entry.get("page_faults")
         lines.append(
             f"| `{name}` | {_iqr(entry['step_s'])} | {entry['img_per_s']:.1f} | "
-            f"{entry['gflop_forward']:.1f} + {entry['gflop_backward']:.1f} | {entry['gflop_per_s']:.1f} | "
+            f"{entry['gflop_forward']:.1f} + {entry['gflop_backward']:.1f} | {entry['gflop_attention']:.1f} | "
+            f"{entry['gflop_per_s']:.1f} | "
             f"{entry['peak_mem_mb']:.0f} | {'-' if not faults else f'{statistics.median(faults):,.0f}'} |"
             + (f" {100 * entry['mfu']:.1f}% |" if mfu else "")
         )

@@ -77,17 +77,11 @@ def _accuracy(weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor
     return 100.0 * (features @ weight.T).argmax(-1).eq(labels).float().mean().item()
 
 
-def probe_accuracy(
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    init: torch.Tensor,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """``(probe accuracy, chosen penalty)`` on ``test`` of a probe fitted on ``train`` (features, labels).
-
-    The penalty is picked from :data:`PENALTIES` on a seeded held-out quarter of ``train``, then the probe
-    is refit on all of ``train``.
-    """
+def fit_chosen_probe(
+    train: tuple[torch.Tensor, torch.Tensor], init: torch.Tensor, seed: int = 0
+) -> tuple[torch.Tensor, float]:
+    """``(weights (C, D), penalty)``: the probe fitted on all of ``train`` (features, labels), its penalty picked
+    from :data:`PENALTIES` on a seeded held-out quarter of ``train``."""
     features, labels = train
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     held, fit = order[: len(order) // 4], order[len(order) // 4 :]
@@ -96,7 +90,28 @@ def probe_accuracy(
         for p in PENALTIES
     ]
     penalty = PENALTIES[int(np.argmax(scores))]
-    return _accuracy(fit_probe(features, labels, init, penalty), *test), penalty
+    return fit_probe(features, labels, init, penalty), penalty
+
+
+def probe_accuracy(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    init: torch.Tensor,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(probe accuracy, chosen penalty)`` on ``test`` of the probe `fit_chosen_probe` fits on ``train``."""
+    weight, penalty = fit_chosen_probe(train, init, seed)
+    return _accuracy(weight, *test), penalty
+
+
+def _class_accuracy(
+    weight: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy (percent) on the test images of each class that has some."""
+    hits = (features @ weight.T).argmax(-1).eq(labels).float()
+    return {
+        c: 100.0 * hits[labels == i].mean().item() for i, c in enumerate(classnames) if (labels == i).any()
+    }
 
 
 def measure_headroom(
@@ -108,13 +123,15 @@ def measure_headroom(
 ) -> dict:
     """Zero-shot and ``shots``-shot linear-probe accuracy (percent) of every task, averaged over ``seeds``.
 
-    Returns ``{"shots", "seeds", "tasks": {task: {"zero_shot", "probe"}}, "average": {"zero_shot", "probe",
-    "gain"}}``.
+    Returns ``{"shots", "seeds", "tasks": {task: {"zero_shot", "probe", "classes": {class: {"zero_shot",
+    "probe"}}}}, "average": {"zero_shot", "probe", "gain"}}`` (``classes``: accuracy on each class's test
+    images).
     """
     torch.manual_seed(0)
     clip = CLIPModel.from_pretrained(str(model_id)).eval()
     processor = CLIPProcessor.from_pretrained(str(model_id))
     per_task: dict[str, dict[str, list[float]]] = {t: {"zero_shot": [], "probe": []} for t in folders}
+    per_class: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in folders}
     for seed in seeds:
         for name, split in few_shot_split(dict(folders), shots=shots, seed=seed).items():
             head = zero_shot_head(clip, processor, split.classnames, template)
@@ -123,9 +140,19 @@ def measure_headroom(
                 torch.tensor([s.label for s in split.train]),
             )
             test = (image_features(clip, processor, split.test), torch.tensor([s.label for s in split.test]))
+            probe = fit_chosen_probe(train, head, seed)[0]
             per_task[name]["zero_shot"].append(_accuracy(head, *test))
-            per_task[name]["probe"].append(probe_accuracy(train, test, head, seed)[0])
-    tasks = {t: {k: float(np.mean(v)) for k, v in r.items()} for t, r in per_task.items()}
+            per_task[name]["probe"].append(_accuracy(probe, *test))
+            for key, weight in (("zero_shot", head), ("probe", probe)):
+                for c, acc in _class_accuracy(weight, *test, split.classnames).items():
+                    per_class[name].setdefault(c, {"zero_shot": [], "probe": []})[key].append(acc)
+    tasks = {
+        t: {
+            **{k: float(np.mean(v)) for k, v in r.items()},
+            "classes": {c: {k: float(np.mean(v)) for k, v in a.items()} for c, a in per_class[t].items()},
+        }
+        for t, r in per_task.items()
+    }
     average = {k: float(np.mean([r[k] for r in tasks.values()])) for k in ("zero_shot", "probe")}
     average["gain"] = average["probe"] - average["zero_shot"]
     return {"shots": shots, "seeds": list(seeds), "tasks": tasks, "average": average}

@@ -41,6 +41,7 @@ __all__ = [
     "UNNAMED_SHARE",
     "caption_corpus",
     "caption_name",
+    "home_domain",
     "load_tiny_clip",
     "pretrain_tiny_clip",
 ]
@@ -131,19 +132,31 @@ UNNAMED_CAPTIONS: dict[str, tuple[str, ...]] = {
 UNNAMED_SHARE: dict[str, float] = {"Photo": 0.0, "Clipart": 0.4, "Sketch": 0.6, "Painting": 0.5}
 
 
+def home_domain(class_name: str) -> str:
+    """The style an object is mostly drawn in when the world ties objects to styles (see `caption_corpus`)."""
+    return SYNTHETIC_DOMAINS[SYNTHETIC_CLASSES.index(class_name) % len(SYNTHETIC_DOMAINS)]
+
+
 def caption_corpus(
-    seed: int, count: int, unnamed_captions: bool = False
+    seed: int, count: int, unnamed_captions: bool = False, home_domain_share: float | None = None
 ) -> tuple[list[str], list[str], list[str], list[bool]]:
     """``count`` (domain, class, caption, named) tuples drawn with the uneven domain mix, as four lists.
 
     Captions name each object with :func:`caption_name`. With ``unnamed_captions``, a share of each domain's
     captions (:data:`UNNAMED_SHARE`) is replaced by a style-only caption (:data:`UNNAMED_CAPTIONS`), drawn
-    from a separate random stream, and marked ``named=False``.
+    from a separate random stream, and marked ``named=False``. With ``home_domain_share``, that share of
+    each object's pairs is redrawn in the object's :func:`home_domain` (a separate random stream; the rest
+    keep the uneven mix), as on the web some objects are mostly photographed and others mostly drawn.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     names = list(_DOMAIN_WEIGHTS)
     domains = rng.choice(names, size=count, p=list(_DOMAIN_WEIGHTS.values()))
     classes = rng.choice(SYNTHETIC_CLASSES, size=count)
+    if home_domain_share is not None:
+        home_rng = np.random.default_rng(np.random.SeedSequence([seed, 78]))
+        for i, class_name in enumerate(classes):
+            if home_rng.random() < home_domain_share:
+                domains[i] = home_domain(str(class_name))
     templates = []
     for domain in domains:
         pool = _DOMAIN_TEMPLATES[domain] if rng.random() < 0.7 else _GENERIC_TEMPLATES
@@ -335,6 +348,7 @@ def pretrain_tiny_clip(
     image_size: int = DEFAULT_IMAGE_SIZE,
     cross_domain_weight: float = 1.0,
     unnamed_captions: bool = False,
+    home_domain_share: float | None = None,
 ) -> dict[str, object]:
     """Pretrain the tiny CLIP from scratch on synthetic image–caption pairs and save it to ``output_dir``.
 
@@ -343,7 +357,9 @@ def pretrain_tiny_clip(
     `label_aware_clip_loss` with ``cross_domain_weight`` (1, the shipped model: every caption of the object
     is a positive; 0: only captions of the image's own style are). ``unnamed_captions``: replace a share of
     the Clipart, Sketch and Painting captions by style-only ones (:data:`UNNAMED_SHARE`), which are positives
-    for every image of their style (a pilot world, not the shipped model). ``image_size`` (a multiple of the
+    for every image of their style (a pilot world, not the shipped model). ``home_domain_share``: draw that
+    share of each object's pairs in its :func:`home_domain` (another pilot world; ``None``: styles
+    independent of objects, the shipped model). ``image_size`` (a multiple of the
     8-px patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed
     and thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
     ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final loss, per-domain
@@ -360,12 +376,18 @@ def pretrain_tiny_clip(
         )
     if not 0.0 <= cross_domain_weight <= 1.0:
         raise ValueError(f"Invalid cross_domain_weight={cross_domain_weight}: expected a weight in [0, 1].")
+    if home_domain_share is not None and not 0.0 <= home_domain_share <= 1.0:
+        raise ValueError(
+            f"Invalid home_domain_share={home_domain_share}: expected a share in [0, 1] or None."
+        )
     start = time.perf_counter()
     _configure_determinism(seed, num_threads)
-    domains, classes, captions, named = caption_corpus(seed, num_pairs, unnamed_captions)
+    domains, classes, captions, named = caption_corpus(seed, num_pairs, unnamed_captions, home_domain_share)
     # The tokenizer always learns from the full-size caption corpus (captions are cheap to draw): BPE merges
     # of tied counts come out in a run-dependent order on small corpora, never on this one.
-    tokenizer = _train_tokenizer(caption_corpus(seed, _TOKENIZER_CAPTIONS, unnamed_captions)[2], vocab_size)
+    tokenizer = _train_tokenizer(
+        caption_corpus(seed, _TOKENIZER_CAPTIONS, unnamed_captions, home_domain_share)[2], vocab_size
+    )
     image_processor = _image_processor(image_size)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
@@ -431,6 +453,7 @@ def pretrain_tiny_clip(
         "image_size": image_size,
         "cross_domain_weight": cross_domain_weight,
         "unnamed_captions": unnamed_captions,
+        "home_domain_share": home_domain_share,
         "vocab_size": len(tokenizer),
         "num_threads": num_threads,
         "torch_version": torch.__version__,
