@@ -85,9 +85,8 @@ class MmAPConfig(PeftConfig):
             "as tiled copies of P_s ~ N(0, init_std); vision scales at zero: each vision prompt starts as zero "
             "tokens, which a layer's LayerNorm maps to its bias; every factor gets a gradient at the first "
             "step, P_s through the text tower; on a vision-only model the vision scales start at one), 'ones' "
-            "(both towers' prompts start as the same tiled copies "
-            "of P_s), 'zeros' (prompts start as zero tokens; P_s gets no gradient until M has moved) or "
-            "'normal' (N(0, 1) entries)."
+            "(both towers' prompts start as the same tiled copies of P_s), 'zeros' (prompts start as zero "
+            "tokens; P_s gets no gradient until M has moved) or 'normal' (N(0, 1) entries)."
         },
     )
     target_modules: str | list[str] | None = field(

@@ -15,10 +15,10 @@ A layer's outputs at the prompt positions are read only when the next layer lets
 the next layer replaces every slot, or after the last layer, they are discarded. Such a layer computes only
 the other rows (`forward_keeping_sequence_rows`): the prompts still give keys and values (computed once
 per batch when every row has the same prompts), but their queries, attention output, out-projection and MLP
-are skipped. With full-depth deep prompts that removes every
-prompt row from all of that work (MmAP on ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class
-prompt in the text tower). Results are those of the full computation up to floating-point rounding;
-`computing_prompt_rows` turns the skipping off (the reference in tests and benchmarks).
+are skipped. With full-depth deep prompts that removes every prompt row from all of that work (MmAP on
+ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class prompt in the text tower). Results are those
+of the full computation up to floating-point rounding; `computing_prompt_rows` turns the skipping off (the
+reference in tests and benchmarks).
 
 Inserted tokens get no positional embedding (they enter after the embedding layer, and after
 ``pre_layrnorm`` in the vision tower), as in MmAP, VPT-deep and MVLPT. For learnable prompts this loses no

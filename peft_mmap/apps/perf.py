@@ -11,9 +11,9 @@ download). Measured side by side:
   discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted
   by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on its first step
   (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs about its
-  forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels. ``train_ratios`` gives, for every method, MmAP's time ratio
-  to it, the FLOP ratio and their quotient: 1.0 means MmAP is exactly as efficient per FLOP, above 1 is
-  MmAP overhead the FLOPs do not explain. ``page_faults`` counts each timed step's minor page faults (the
+  forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels.
+  ``train_ratios`` gives, for every method, MmAP's time ratio to it, the FLOP ratio and their quotient: 1.0
+  means MmAP is exactly as efficient per FLOP, above 1 is MmAP overhead the FLOPs do not explain. ``page_faults`` counts each timed step's minor page faults (the
   command line keeps freed memory for reuse on CPU, `keep_freed_memory`, so steps should have none);
 * **memory** (``peak_mem_mb``): what the first step needs on top of the weights: on CUDA
   ``torch.cuda.max_memory_allocated`` during it minus the memory allocated before it; on CPU the bytes of
@@ -112,10 +112,14 @@ def flop_counter() -> FlopCounterMode:
     )
 
 
+#: Substring of the fused attention operators' names (``aten::_scaled_dot_product_*``, forward and backward).
+ATTENTION_OP = "scaled_dot_product"
+
+
 def attention_gflop(counter: FlopCounterMode) -> float:
     """GFLOP that ``counter`` counted in attention kernels (``scaled_dot_product_*``, forward or backward)."""
     counts = counter.get_flop_counts().get("Global", {})
-    return sum(flops for op, flops in counts.items() if "scaled_dot_product" in str(op)) / 1e9
+    return sum(flops for op, flops in counts.items() if ATTENTION_OP in str(op)) / 1e9
 
 
 #: glibc ``mallopt`` parameters (``<malloc.h>``).
@@ -545,7 +549,7 @@ class _Bench:
 
 
 #: Operators whose time is matrix-product work (what ``torch.utils.flop_counter`` counts).
-MATMUL_OPS = ("::mm", "::addmm", "::bmm", "::baddbmm", "convolution", "scaled_dot_product")
+MATMUL_OPS = ("::mm", "::addmm", "::bmm", "::baddbmm", "convolution", ATTENTION_OP)
 
 
 def profile_section(
@@ -565,7 +569,7 @@ def profile_section(
     ops = [e for e in events if e.key.startswith("aten::")]
     total = sum(getattr(e, attr) for e in ops) or 1.0
     matmul = sum(getattr(e, attr) for e in ops if any(m in e.key for m in MATMUL_OPS))
-    attention = sum(getattr(e, attr) for e in ops if "scaled_dot_product" in e.key)
+    attention = sum(getattr(e, attr) for e in ops if ATTENTION_OP in e.key)
     inclusive = "device_time_total" if cuda else "cpu_time_total"
     optimizer = sum(getattr(e, inclusive) for e in events if e.key.startswith("Optimizer.step"))
     count = sum(e.count for e in ops)

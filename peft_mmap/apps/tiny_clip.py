@@ -359,9 +359,8 @@ def pretrain_tiny_clip(
     the Clipart, Sketch and Painting captions by style-only ones (:data:`UNNAMED_SHARE`), which are positives
     for every image of their style (a pilot world, not the shipped model). ``home_domain_share``: draw that
     share of each object's pairs in its :func:`home_domain` (another pilot world; ``None``: styles
-    independent of objects, the shipped model). ``image_size`` (a multiple of the
-    8-px patch) sets the image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed
-    and thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
+    independent of objects, the shipped model). ``image_size`` (a multiple of the 8-px patch) sets the
+    image tokens per layer: ``(image_size / 8)² + 1``. Deterministic for a given seed and thread count. Writes ``config.json``, ``model.safetensors``, tokenizer files,
     ``preprocessor_config.json`` and ``pretraining.json`` (arguments, run time, final loss, per-domain
     zero-shot accuracy), which is also returned.
     """
