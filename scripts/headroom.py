@@ -1,6 +1,7 @@
 """Headroom of the demo's benchmark: zero-shot against a few-shot linear probe on frozen image features.
 
-Usage: ``python scripts/headroom.py [--model DIR] [--data DIR] [--shots 16] [--seeds 1 2 3] [--json FILE]``
+Usage: ``python scripts/headroom.py [--model DIR] [--data DIR | --object-names] [--shots 16] [--seeds 1 2 3]
+[--json FILE]``
 
 Defaults: the shipped tiny CLIP and the demo's synthetic benchmark (generated if missing). A probe that
 does not beat zero-shot means no adaptation method can show a gain on that benchmark. When the tasks use
@@ -26,13 +27,16 @@ from peft_mmap.files import atomic_write_json
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(TINY_CLIP_PATH), help="CLIP checkpoint folder or hub id")
-    parser.add_argument("--data", default=None, help="image-folder tasks (default: the demo's benchmark)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data", default=None, help="image-folder tasks (default: the demo's benchmark)")
+    data.add_argument("--object-names", action="store_true",
+                      help="the demo's benchmark with every class labelled by its object name")  # fmt: skip
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    root = args.data or demo_benchmark()
+    root = args.data or demo_benchmark(object_names=args.object_names)
     result = measure_headroom(args.model, scan_image_folder(root), shots=args.shots, seeds=args.seeds)
     print(f"{args.shots}-shot linear probe vs zero-shot, seeds {args.seeds}:")
     print(f"{'task':<10} {'zero-shot':>9} {'probe':>7} {'gain':>6}")

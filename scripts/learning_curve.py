@@ -3,7 +3,7 @@
 Usage: ``python scripts/learning_curve.py [--model DIR] [--method mmap] [--epochs 5] [--augment | --no-augment]
 [--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N]
 [--depth K] [--scale-init vision_zeros|ones|zeros|normal] [--vision-scale FACTOR] [--towers both|text|vision]
-[--groups G] [--train-without-renamed]``
+[--groups G] [--object-names] [--train-without-renamed]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
 the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
@@ -13,7 +13,8 @@ test accuracy means over-fitting. Epoch 0 is the untrained method. Before and af
 prints the test accuracy on the four labels the pretraining captions never use (`BENCHMARK_LABELS`) and on
 the other twenty. ``--towers text`` (or ``vision``) prompts one CLIP tower only (MmAP's ``target_modules``);
 ``--train-without-renamed`` drops the training images of the `BENCHMARK_LABELS` classes (the test set and the
-classes stay).
+classes stay); ``--object-names`` labels every class by its object name instead (same images, no renamed
+labels).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def renamed_label_accuracy(model, data) -> str:
                 hits[names[label] in renamed][0] += ok
                 hits[names[label] in renamed][1] += 1
     model.train()
-    share = {key: 100 * right / total for key, (right, total) in hits.items()}
-    return f"test accuracy: renamed labels {share[True]:.1f} %, other labels {share[False]:.1f} %"
+    share = {
+        key: f"{100 * right / total:.1f} %" if total else "- (none)" for key, (right, total) in hits.items()
+    }
+    return f"test accuracy: renamed labels {share[True]}, other labels {share[False]}"
 
 
 def main() -> None:
@@ -92,6 +95,8 @@ def main() -> None:
     parser.add_argument("--towers", choices=list(TOWER_TARGETS), default="both", help="MmAP: prompted towers")
     parser.add_argument("--groups", type=inline_groups, default=DEMO_GROUPS,
                         help="task groups like 'clipart,photo;painting,sketch' (default: the demo's)")  # fmt: skip
+    parser.add_argument("--object-names", action="store_true",
+                        help="the demo's benchmark with every class labelled by its object name")  # fmt: skip
     parser.add_argument("--train-without-renamed", action="store_true",
                         help="train without the images of the BENCHMARK_LABELS classes")  # fmt: skip
     args = parser.parse_args()
@@ -103,8 +108,9 @@ def main() -> None:
     spec.mmap = dataclasses.replace(spec.mmap, **{k: v for k, v in mmap.items() if v is not None})
     if args.augment is not None:
         spec.augment = args.augment
+    root = demo_benchmark(object_names=args.object_names)
     bench = Benchmark(
-        args.model, scan_image_folder(demo_benchmark()), spec, cache_dir() / "learning-curve", progress=False,
+        args.model, scan_image_folder(root), spec, cache_dir() / "learning-curve" / root.name, progress=False,
         log=lambda line: None,
     )  # fmt: skip
     data = bench.seed_data(args.seed)

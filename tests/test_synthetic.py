@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark, render_image
+from peft_mmap.apps.synthetic import (
+    BENCHMARK_LABELS,
+    SYNTHETIC_CLASSES,
+    SYNTHETIC_DOMAINS,
+    generate_benchmark,
+    render_image,
+)
 
 
 def _pixels(class_name: str, domain: str, seed: int, size: int = 64) -> np.ndarray:
@@ -75,6 +81,26 @@ def test_generate_tree_deterministic_and_cached(tmp_path: Path) -> None:
     generate_benchmark(root, images_per_class=2, seed=7, size=32, classes=classes, domains=domains)
     assert marker.read_bytes() != b"sentinel"
     assert not (root / "Photo" / "circle" / "2.png").exists()
+
+
+def test_labels_renamed_unless_object_names(tmp_path: Path) -> None:
+    """The benchmark's folders carry the `BENCHMARK_LABELS` words; ``object_names`` keeps the object names
+    for the same images, and the two trees are cached apart."""
+    renamed = next(iter(BENCHMARK_LABELS))
+    classes = ["circle", renamed]
+    kwargs = {"images_per_class": 2, "seed": 3, "size": 32, "classes": classes, "domains": ["Sketch"]}
+    labelled = generate_benchmark(tmp_path / "a", **kwargs)
+    named = generate_benchmark(tmp_path / "b", object_names=True, **kwargs)
+    assert sorted(p.name for p in (labelled / "Sketch").iterdir()) == sorted(
+        ["circle", BENCHMARK_LABELS[renamed]]
+    )
+    assert sorted(p.name for p in (named / "Sketch").iterdir()) == sorted(classes)
+    assert (labelled / "Sketch" / BENCHMARK_LABELS[renamed] / "1.png").read_bytes() == (
+        named / "Sketch" / renamed / "1.png"
+    ).read_bytes()
+    # Asking for the other labelling in the same folder regenerates it.
+    generate_benchmark(labelled, object_names=True, **kwargs)
+    assert sorted(p.name for p in (labelled / "Sketch").iterdir()) == sorted(classes)
 
 
 def test_images_independent_of_subset(tmp_path: Path) -> None:

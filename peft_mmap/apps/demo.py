@@ -41,12 +41,19 @@ def cache_dir() -> Path:
 
 
 def demo_benchmark(
-    data_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda line: None
+    data_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = lambda line: None,
+    object_names: bool = False,
 ) -> Path:
-    """The demo's synthetic benchmark folder (``data_dir`` or the cache), generated there if missing."""
-    root = Path(data_dir) if data_dir else cache_dir() / f"synthetic-seed0-{DEMO_IMAGES_PER_CLASS}"
+    """The demo's synthetic benchmark folder (``data_dir`` or the cache), generated there if missing.
+
+    ``object_names``: the same images with every class labelled by its object name, none by a
+    `BENCHMARK_LABELS` word (an experiment's variant; cached in its own folder).
+    """
+    name = f"synthetic{'-names' if object_names else ''}-seed0-{DEMO_IMAGES_PER_CLASS}"
+    root = Path(data_dir) if data_dir else cache_dir() / name
     log(f"synthetic benchmark: {root}")
-    return generate_benchmark(root, images_per_class=DEMO_IMAGES_PER_CLASS, seed=0)
+    return generate_benchmark(root, images_per_class=DEMO_IMAGES_PER_CLASS, seed=0, object_names=object_names)
 
 
 def demo_spec(

@@ -550,11 +550,13 @@ def generate_benchmark(
     size: int = 64,
     classes: Sequence[str] | None = None,
     domains: Sequence[str] | None = None,
+    object_names: bool = False,
 ) -> Path:
     """Write the benchmark as ``<root>/<Domain>/<label>/<i>.png`` and return ``Path(root)``.
 
     ``classes`` are object names (:data:`SYNTHETIC_CLASSES`); each folder is named by the object's benchmark
-    label (:data:`BENCHMARK_LABELS`, else the name itself).
+    label (:data:`BENCHMARK_LABELS`, else the name itself), or by the object name itself when
+    ``object_names`` (every label one the pretraining captions use; the images are the same).
 
     The image tree is written into a temporary folder next to ``root`` and renamed into place; then
     ``<root>/benchmark.json`` (seed, size, counts, classes, domains) is written atomically, last. If that
@@ -568,7 +570,7 @@ def generate_benchmark(
     chosen_classes = _check_subset(classes, SYNTHETIC_CLASSES, "class name")
     chosen_domains = _check_subset(domains, SYNTHETIC_DOMAINS, "domain")
     root = Path(root)
-    labels = {c: BENCHMARK_LABELS.get(c, c) for c in chosen_classes}
+    labels = {c: c if object_names else BENCHMARK_LABELS.get(c, c) for c in chosen_classes}
     meta = {
         "format_version": _FORMAT_VERSION,
         "seed": seed,
