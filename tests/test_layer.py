@@ -169,16 +169,18 @@ def test_all_layers_are_wrapped(clip):
     assert sum(isinstance(m, MmAPLayer) for m in model.modules()) == 2 * LAYERS
 
 
-def _reference_image_embeds(model, pixels, names):
-    """Image features computed by hand from CLIP's own modules: ``kron(M^k, P_s^k)`` spliced in after CLS."""
+def _reference_image_embeds(model, pixels, names, depth):
+    """Image features computed by hand from CLIP's own modules: ``kron(M^k, P_s^k)`` spliced in after CLS at
+    each of the first ``depth`` layers; above them the last prompts flow through as ordinary tokens."""
     clip, source = model.base_model.model, model.base_model.mmap_source
     vision = clip.vision_model
     hidden = vision.pre_layrnorm(vision.embeddings(pixels))
     layers = vision.encoder.layers
     for k, layer in enumerate(layers):
-        prompts = torch.cat([torch.kron(layer.mmap_scale[name], source[name][k]) for name in names])
-        rest = hidden[:, 1:] if k == 0 else hidden[:, 1 + len(prompts) :]
-        hidden = torch.cat([hidden[:, :1], prompts.expand(len(pixels), -1, -1), rest], dim=1)
+        if k < depth:
+            prompts = torch.cat([torch.kron(layer.mmap_scale[name], source[name][k]) for name in names])
+            rest = hidden[:, 1:] if k == 0 else hidden[:, 1 + len(prompts) :]
+            hidden = torch.cat([hidden[:, :1], prompts.expand(len(pixels), -1, -1), rest], dim=1)
         hidden = layer.base_layer(hidden, None)
     features = clip.visual_projection(vision.post_layernorm(hidden[:, 0]))
     return torch.nn.functional.normalize(features, dim=-1)  # CLIPModel's image_embeds are normalised
@@ -199,10 +201,9 @@ def test_outputs_without_autograd_equal_outputs_with_it_and_a_hand_made_referenc
     for mode in ("no_grad", "inference", "inference", "no_grad"):  # repeated calls reuse constant prompts
         for got, want in zip(_outputs(model, batch, mode), expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    if depth is None:
-        with torch.no_grad():
-            reference = _reference_image_embeds(model, batch["pixel_values"], ("group0", "art"))
-        torch.testing.assert_close(expected[1], reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        reference = _reference_image_embeds(model, batch["pixel_values"], ("group0", "art"), depth or LAYERS)
+    torch.testing.assert_close(expected[1], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_routed_outputs_without_autograd_equal_per_adapter_outputs(clip, batch):
