@@ -22,9 +22,11 @@ from peft_mmap.apps.perf import (
     OFFICE_HOME_CLASSES,
     SERVING,
     TRAIN_METHODS,
+    ProfileSplit,
     flop_counter,
     interleaved_seconds,
     perf_clip_config,
+    priced_ms,
     quartiles,
     ratio_spread,
     run_perf,
@@ -302,6 +304,21 @@ def _check_perf_json(result: dict, methods: set[str], batches: list[int]) -> Non
     assert "infer_b1_mmap_over_zeroshot" in result["goals"]
 
 
+def test_a_step_priced_at_its_own_rates_costs_what_it_took_and_more_work_costs_more():
+    full = ProfileSplit(
+        total_ms=1000, matmul_ms=900, attention_ms=100, optimizer_ms=40, gflop=180, gflop_attention=5
+    )
+    assert full.matmul_rate == pytest.approx(218.75) and full.attention_rate == pytest.approx(50)
+    assert priced_ms(full, full)["total"] == pytest.approx(1000)
+    # Half the other matrix products, the same attention and activations, no optimizer time of its own.
+    lean = ProfileSplit(
+        total_ms=620, matmul_ms=520, attention_ms=100, optimizer_ms=0, gflop=92.5, gflop_attention=5
+    )
+    price = priced_ms(lean, full)
+    assert price["matmul"] == pytest.approx(400) and price["attention"] == pytest.approx(100)
+    assert price["other"] == pytest.approx(60) and price["total"] == pytest.approx(560)
+
+
 def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
     from peft_mmap.apps.cli import main
 
@@ -326,6 +343,10 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
     )
     assert split and abs(float(split[2]) + float(split[4]) - 100) < 0.2
     assert float(split[3]) <= float(split[1])
+    priced = re.search(
+        r"## mmap priced at full_ft's rates\n\n.* = ([\d.]+) ms; measured ([\d.]+) ms", profile
+    )
+    assert priced and float(priced[1]) > 0 and float(priced[2]) > 0
     _check_perf_json(result, {"mmap", "vpt_deep", "full_ft"}, [1, 2])
     report = (tmp_path / "perf.md").read_text()
     assert "| `mmap` |" in report and "| vpt_deep |" in report and "| 2 |" in report

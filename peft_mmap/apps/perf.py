@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import functools
 import gc
 import itertools
@@ -522,7 +523,7 @@ class _Bench:
             for _ in range(len(self.tasks)):
                 serving[name]()  # warm-up: every task once
             title = f"{name}: {calls} batch-1 calls, task switching"
-            parts.append(profile_section(title, serving[name], calls, self.device, rows))
+            parts.append(profile_section(title, serving[name], calls, self.device, rows)[0])
         return "\n".join(parts)
 
     def profile_training(self, names: Sequence[str] = ("mmap", "full_ft"), rows: int = 15) -> str:
@@ -530,21 +531,27 @@ class _Bench:
 
         Each section says how the step's self time splits between matrix products (`MATMUL_OPS`, the work
         the FLOP counter counts), the optimizer step and everything else (element-wise, normalisation,
-        copies): the part a FLOP ratio does not see.
+        copies): the part a FLOP ratio does not see. With both ``mmap`` and ``full_ft`` profiled, a last
+        section prices MmAP's step at full fine-tuning's rates (`priced_section`).
         """
-        parts = []
+        parts, splits = [], {}
         for name in names:
             model = self.build_trainer(name)
             optimizer = torch.optim.SGD(
                 [p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9
             )
             step = functools.partial(self.train_step, model, optimizer)
-            step()
-            parts.append(
-                profile_section(f"{name}: one training step (batch {self.batch})", step, 1, self.device, rows)
+            with flop_counter() as counter:
+                step()  # the warm-up step, counted
+            text, split = profile_section(
+                f"{name}: one training step (batch {self.batch})", step, 1, self.device, rows, counter
             )
+            parts.append(text)
+            splits[name] = split
             del model, optimizer, step
             gc.collect()
+        if "mmap" in splits and "full_ft" in splits:
+            parts.append(priced_section(splits["mmap"], splits["full_ft"], "full_ft"))
         return "\n".join(parts)
 
 
@@ -552,10 +559,77 @@ class _Bench:
 MATMUL_OPS = ("::mm", "::addmm", "::bmm", "::baddbmm", "convolution", ATTENTION_OP)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProfileSplit:
+    """Aten self time of one profiled call in ms, split by kind, with the FLOPs of such a call (if counted)."""
+
+    total_ms: float
+    matmul_ms: float  # `MATMUL_OPS`, attention kernels included
+    attention_ms: float
+    optimizer_ms: float  # inclusive time of ``Optimizer.step`` (its ops are non-matrix ones)
+    gflop: float = 0.0
+    gflop_attention: float = 0.0
+
+    @property
+    def other_ms(self) -> float:
+        """Non-matrix operations outside the optimizer step: element-wise, normalisation, copies."""
+        return self.total_ms - self.matmul_ms - self.optimizer_ms
+
+    @property
+    def matmul_rate(self) -> float:
+        """GFLOP/s of the matrix products other than attention."""
+        return (self.gflop - self.gflop_attention) / (self.matmul_ms - self.attention_ms) * 1e3
+
+    @property
+    def attention_rate(self) -> float:
+        """GFLOP/s of the attention kernels (0 without any)."""
+        return self.gflop_attention / self.attention_ms * 1e3 if self.attention_ms else 0.0
+
+
+def priced_ms(split: ProfileSplit, reference: ProfileSplit) -> dict[str, float]:
+    """``split``'s call priced at ``reference``'s rates, in ms per part and in total.
+
+    Its matrix products other than attention at the reference's rate for those, its attention FLOPs at the
+    reference's attention rate, and the reference's non-matrix time (``other_ms``: a training step spends it
+    on activations, which methods on the same architecture share) plus ``split``'s own optimizer step. The
+    total is what the call would take with no overhead of its own beyond the op mix.
+    """
+    parts = {
+        "matmul": (split.gflop - split.gflop_attention) / reference.matmul_rate * 1e3,
+        "attention": split.gflop_attention / reference.attention_rate * 1e3 if split.gflop_attention else 0.0,
+        "other": reference.other_ms + split.optimizer_ms,
+    }
+    return parts | {"total": sum(parts.values())}
+
+
+def priced_section(split: ProfileSplit, reference: ProfileSplit, name: str) -> str:
+    """Markdown section: MmAP's profiled step against its price at ``name``'s rates (`priced_ms`)."""
+    price = priced_ms(split, reference)
+    flop_ratio, time_ratio = split.gflop / reference.gflop, split.total_ms / reference.total_ms
+    return "\n".join([
+        f"## mmap priced at {name}'s rates",
+        "",
+        f"At {name}'s rates (other matrix products {reference.matmul_rate:.1f} GFLOP/s, attention "
+        f"{reference.attention_rate:.1f} GFLOP/s, non-matrix operations {reference.other_ms:.1f} ms) MmAP's "
+        f"step costs {price['matmul']:.1f} + {price['attention']:.1f} + {price['other']:.1f} = "
+        f"{price['total']:.1f} ms; measured {split.total_ms:.1f} ms (measured / priced "
+        f"{split.total_ms / price['total']:.3f}: above 1 is MmAP's own overhead). Time ratio {time_ratio:.3f}, "
+        f"FLOP ratio {flop_ratio:.3f}, ÷ {time_ratio / flop_ratio:.3f}; priced, ÷ "
+        f"{price['total'] / reference.total_ms / flop_ratio:.3f} (the op mix alone).",
+        "",
+    ])  # fmt: skip
+
+
 def profile_section(
-    title: str, call: Callable[[], object], calls: int, device: torch.device, rows: int
-) -> str:
-    """Markdown section: ``calls`` calls of ``call`` under ``torch.profiler``, the self-time split, top ops."""
+    title: str,
+    call: Callable[[], object],
+    calls: int,
+    device: torch.device,
+    rows: int,
+    counter: FlopCounterMode | None = None,
+) -> tuple[str, ProfileSplit]:
+    """Markdown section: ``calls`` calls of ``call`` under ``torch.profiler``, the self-time split, top ops;
+    and the split itself, with the FLOPs of one call when ``counter`` counted one."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -582,7 +656,10 @@ def profile_section(
     if optimizer:
         summary += f" (optimizer step, inclusive: {optimizer / 1e3 / calls:.1f} ms)"
     table = events.table(sort_by=attr, row_limit=rows)
-    return "\n".join([f"## {title}", "", summary, "", "```", table, "```", ""])
+    per_call = [value / 1e3 / calls for value in (total, matmul, attention, optimizer)]
+    flops = (counter.get_total_flops() / 1e9, attention_gflop(counter)) if counter else (0.0, 0.0)
+    split = ProfileSplit(*per_call, *flops)
+    return "\n".join([f"## {title}", "", summary, "", "```", table, "```", ""]), split
 
 
 def run_benchmark(
