@@ -768,7 +768,7 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile",
         action="store_true",
         help="also write profile.md: torch.profiler summaries of batch-1 serving (zero-shot, MmAP) and of "
-        "one training step (MmAP, full fine-tuning).",
+        "one training step (MmAP, full fine-tuning), and MmAP's step priced at full fine-tuning's rates.",
     )
     parser.add_argument(
         "--system-malloc",
