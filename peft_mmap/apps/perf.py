@@ -647,18 +647,17 @@ def profile_section(
     inclusive = "device_time_total" if cuda else "cpu_time_total"
     optimizer = sum(getattr(e, inclusive) for e in events if e.key.startswith("Optimizer.step"))
     count = sum(e.count for e in ops)
+    flops = (counter.get_total_flops() / 1e9, attention_gflop(counter)) if counter else (0.0, 0.0)
+    split = ProfileSplit(*(value / 1e3 / calls for value in (total, matmul, attention, optimizer)), *flops)
+    unmatched = split.total_ms - split.matmul_ms
     summary = (
-        f"{count / calls:.0f} aten ops per call; aten self time {total / 1e3 / calls:.1f} ms per call: "
-        f"matrix products {matmul / 1e3 / calls:.1f} ms ({100 * matmul / total:.1f} %; attention kernels "
-        f"{attention / 1e3 / calls:.1f} ms), "
-        f"other {(total - matmul) / 1e3 / calls:.1f} ms ({100 * (total - matmul) / total:.1f} %)"
+        f"{count / calls:.0f} aten ops per call; aten self time {split.total_ms:.1f} ms per call: "
+        f"matrix products {split.matmul_ms:.1f} ms ({100 * matmul / total:.1f} %; attention kernels "
+        f"{split.attention_ms:.1f} ms), other {unmatched:.1f} ms ({100 * unmatched / split.total_ms:.1f} %)"
     )
     if optimizer:
-        summary += f" (optimizer step, inclusive: {optimizer / 1e3 / calls:.1f} ms)"
+        summary += f" (optimizer step, inclusive: {split.optimizer_ms:.1f} ms)"
     table = events.table(sort_by=attr, row_limit=rows)
-    per_call = [value / 1e3 / calls for value in (total, matmul, attention, optimizer)]
-    flops = (counter.get_total_flops() / 1e9, attention_gflop(counter)) if counter else (0.0, 0.0)
-    split = ProfileSplit(*per_call, *flops)
     return "\n".join([f"## {title}", "", summary, "", "```", table, "```", ""]), split
 
 
