@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import make_clip, mmap_with_random_prompts
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPMLP
 
-from peft_mmap.prompting import computing_prompt_rows
+from peft_mmap.prompting import clip_mlp, computing_prompt_rows
 
 
 def _step(model, batch, **kwargs):
@@ -105,3 +107,65 @@ def test_gradient_checkpointing_keeps_its_memory_saving_and_the_results(batch, m
     _assert_all_close(_step(model, batch), expected)
     # Every layer ran through its own checkpointed call: its MLP ran again in the backward pass.
     assert len(mlp_calls) == 2 * len(layers)
+
+
+def _clip_mlp(hidden_act: str = "quick_gelu") -> CLIPMLP:
+    torch.manual_seed(0)
+    return CLIPMLP(
+        CLIPVisionConfig(hidden_size=16, intermediate_size=64, num_attention_heads=2, hidden_act=hidden_act)
+    )
+
+
+def _outputs_and_gradients(run, mlp: CLIPMLP, states: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
+    mlp.zero_grad()
+    states = states.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = run(states)
+    out.float().square().sum().backward()
+    return [out.detach().float(), states.grad, *(p.grad for p in mlp.parameters())]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_clip_mlp_gives_the_mlps_outputs_and_gradients(hidden_act, autocast):
+    mlp, states = _clip_mlp(hidden_act), 3 * torch.randn(2, 5, 16)
+    got = _outputs_and_gradients(lambda x: clip_mlp(mlp, x), mlp, states, autocast)
+    want = _outputs_and_gradients(mlp, mlp, states, autocast)
+    assert len(got) == 6 and got[0].shape == (2, 5, 16)
+    for a, b in zip(got, want, strict=True):  # bf16 keeps 8 bits of mantissa
+        tolerance = 3e-2 if autocast else 1e-5
+        torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
+
+
+def _saved_activation_bytes(run, mlp: CLIPMLP, states: torch.Tensor) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward while ``run(states)``."""
+    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run(states.requires_grad_())
+    return sum(kept.values())
+
+
+def test_clip_mlp_keeps_one_activation_for_backward_where_quick_gelu_keeps_two():
+    mlp, states = _clip_mlp().requires_grad_(False), torch.randn(2, 5, 16)
+    activation = 2 * 5 * 64 * 4  # one (rows, intermediate) float32 tensor
+    assert _saved_activation_bytes(mlp, mlp, states) == 2 * activation
+    assert _saved_activation_bytes(lambda x: clip_mlp(mlp, x), mlp, states) == activation
+
+
+def test_clip_mlp_runs_a_hooked_or_replaced_mlp_as_it_is():
+    mlp, states = _clip_mlp(), torch.randn(2, 5, 16)
+    calls = []
+    mlp.fc1.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0)
+    torch.testing.assert_close(clip_mlp(mlp, states), mlp(states))
+    assert len(calls) == 2
+    mlp = _clip_mlp()
+    mlp.forward = lambda x: x + 1
+    torch.testing.assert_close(clip_mlp(mlp, states), states + 1)
