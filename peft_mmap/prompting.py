@@ -203,8 +203,11 @@ def forward_keeping_sequence_rows(
     ``layer`` is a ``CLIPEncoderLayer`` (see `_can_skip_rows`); ``sequence``: ``(B, L, d)``; ``prompts``:
     ``(1 or B, T, d)``; ``mask``: ``None`` or ``(B, 1, L + T or 1, L + T)`` over the sequence with the prompts.
     The prompts give keys and values only (computed once for the batch when ``prompts`` has one row); the
-    ``L`` sequence positions get queries, attention output, out-projection and MLP. Returns ``(B, L, d)``,
-    what ``layer`` computes at those positions.
+    ``L`` sequence positions get queries, attention output, out-projection and MLP. The prompts' keys and
+    values follow the sequence's (attention does not depend on the order of its keys; the mask's columns are
+    reordered to match), so the gradients of the sequence's keys and values are views of one tensor, not
+    zero-filled copies of the pieces around the prompts. Returns ``(B, L, d)``, what ``layer`` computes at
+    those positions.
     """
     attn = layer.self_attn
     batch, length, _ = sequence.shape
@@ -214,17 +217,21 @@ def forward_keeping_sequence_rows(
     def heads(states: torch.Tensor) -> torch.Tensor:  # (B, n, d) -> (B, heads, n, head_dim)
         return states.view(batch, states.shape[1], -1, attn.head_dim).transpose(1, 2)
 
+    def sequence_then_prompts(projection: nn.Module) -> torch.Tensor:  # (B, heads, L + T, head_dim)
+        return heads(torch.cat([projection(normed), projection(normed_prompts).expand(batch, -1, -1)], dim=1))
+
     queries = heads(attn.q_proj(normed))
-    keys = heads(_with_prompts(attn.k_proj(normed), attn.k_proj(normed_prompts)))
-    values = heads(_with_prompts(attn.v_proj(normed), attn.v_proj(normed_prompts)))
+    keys, values = sequence_then_prompts(attn.k_proj), sequence_then_prompts(attn.v_proj)
     if mask is None and kwargs.get("is_causal"):  # sdpa text tower without padding: make the mask explicit
         full = length + total
         causal = torch.ones(full, full, dtype=torch.bool, device=sequence.device).tril()
         mask = torch.zeros(full, full, dtype=queries.dtype, device=sequence.device)
         mask = mask.masked_fill(~causal, torch.finfo(queries.dtype).min)[None, None]
     kwargs = {**kwargs, "is_causal": False}
-    if mask is not None and mask.shape[-2] > 1:
-        mask = _without_rows(mask, slice(1, 1 + total), dim=-2)
+    if mask is not None:
+        if mask.shape[-2] > 1:
+            mask = _without_rows(mask, slice(1, 1 + total), dim=-2)
+        mask = torch.cat([_without_rows(mask, slice(1, 1 + total), dim=-1), mask[..., 1 : 1 + total]], dim=-1)
     implementation = attn.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     dropout = attn.dropout if attn.training else 0.0
@@ -241,9 +248,10 @@ def clip_mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
     """``mlp(states)`` for a ``CLIPMLP``, with a quick-GELU activation computed as a scaled SiLU.
 
     ``quick_gelu(h) = silu(1.702 h) / 1.702``; the two scales go into the matrix products (``alpha``/``beta``
-    of ``addmm``, free in the BLAS call), so the activation is one fused SiLU pass forward and one backward
-    instead of the five to eight element-wise passes of ``h * sigmoid(1.702 h)`` and its gradient, and
-    autograd keeps one fewer ``(rows, intermediate)`` tensor. Equal to ``mlp(states)`` up to rounding. Any
+    of ``addmm``, free in the BLAS call), so over the ``(rows, intermediate)`` activation the forward pass
+    makes one fused SiLU pass instead of three (``1.702 h``, sigmoid, product) and the backward pass two (the
+    SiLU gradient, and ``addmm``'s gradient times ``1 / 1.702``) instead of five; autograd keeps one such
+    tensor instead of two. Equal to ``mlp(states)`` up to rounding. Any
     other MLP (another activation or class, wrapped linears, hooks) runs as ``mlp(states)``.
 
     ``states``: ``(B, L, d)``; returns ``(B, L, d)``.
