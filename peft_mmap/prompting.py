@@ -16,8 +16,9 @@ the next layer replaces every slot, or after the last layer, they are discarded.
 the other rows (`forward_keeping_sequence_rows`): the prompts still give keys and values (computed once
 per batch when every row has the same prompts), but their queries, attention output, out-projection and MLP
 are skipped. With full-depth deep prompts that removes every prompt row from all of that work (MmAP on
-ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class prompt in the text tower). Results are those
-of the full computation up to floating-point rounding; `computing_prompt_rows` turns the skipping off (the
+ViT-B/16: 8 of 205 image rows, and 8 of 17 rows of each class prompt in the text tower). The re-stated
+layer also computes CLIP's quick-GELU MLP with fewer element-wise passes (`clip_mlp`). Results are those of
+the full computation up to floating-point rounding; `computing_prompt_rows` turns all of this off (the
 reference in tests and benchmarks).
 
 Inserted tokens get no positional embedding (they enter after the embedding layer, and after
@@ -97,8 +98,9 @@ _SKIP_DISCARDED_ROWS = contextvars.ContextVar("peft_mmap_skip_discarded_rows", d
 
 @contextlib.contextmanager
 def computing_prompt_rows() -> Iterator[None]:
-    """Within the block, every layer also computes its outputs at the prompt positions, even those that are
-    discarded (the plain computation the row-skipping path is tested and benchmarked against)."""
+    """Within the block, every layer runs its own forward over the whole sequence, computing its outputs at
+    the prompt positions even where they are discarded: the plain computation (transformers' layer as it
+    is) that `forward_keeping_sequence_rows` is tested and benchmarked against."""
     token = _SKIP_DISCARDED_ROWS.set(False)
     try:
         yield

@@ -7,8 +7,8 @@ download). Measured side by side:
   (momentum 0.9), the text tower included (the 65 Office-Home class prompts of the task), for ``mmap`` (2
   groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same
   ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
-  backbone), and ``mmap_all_rows`` (MmAP also computing the layer outputs at prompt positions that are
-  discarded: the work `peft_mmap.prompting` skips). Each method's forward and backward FLOPs are counted
+  backbone), and ``mmap_all_rows`` (MmAP through transformers' own layers, also computing the layer outputs
+  at prompt positions that are discarded: what `peft_mmap.prompting`'s re-stated layer saves). Each method's forward and backward FLOPs are counted
   by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on its first step
   (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs about its
   forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels.
