@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 
+from peft_mmap.apps.perf import saved_tensor_bytes
 from peft_mmap.prompting import clip_mlp, computing_prompt_rows
 
 
@@ -139,18 +140,9 @@ def test_clip_mlp_gives_the_mlps_outputs_and_gradients(hidden_act, autocast):
 
 def _saved_activation_bytes(run, mlp: CLIPMLP, states: torch.Tensor) -> int:
     """Bytes of the non-parameter tensors autograd keeps for backward while ``run(states)``."""
-    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_tensor_bytes(list(mlp.parameters())) as saved:
         run(states.requires_grad_())
-    return sum(kept.values())
+    return saved[0]
 
 
 def test_clip_mlp_keeps_one_activation_for_backward_where_quick_gelu_keeps_two():
