@@ -251,10 +251,11 @@ def clip_mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
 
     ``quick_gelu(h) = silu(1.702 h) / 1.702``; the two scales go into the matrix products (``alpha``/``beta``
     of ``addmm``, free in the BLAS call), so over the ``(rows, intermediate)`` activation the forward pass
-    makes one fused SiLU pass instead of three (``1.702 h``, sigmoid, product) and the backward pass two (the
-    SiLU gradient, and ``addmm``'s gradient times ``1 / 1.702``) instead of five; autograd keeps one such
-    tensor instead of two. Equal to ``mlp(states)`` up to rounding. Any
-    other MLP (another activation or class, wrapped linears, hooks) runs as ``mlp(states)``.
+    makes one fused SiLU pass instead of three (``1.702 h``, sigmoid, product). When gradients are needed it
+    runs as `QuickGELUMLPFunction`, whose backward pass makes one (the SiLU gradient: the two scales cancel)
+    instead of five, and which keeps one such tensor for backward instead of two. Under autocast the inputs
+    are cast to the autocast dtype first, as autocast casts ``fc1``/``fc2``'s. Equal to ``mlp(states)`` up
+    to rounding. Any other MLP (another activation or class, wrapped linears, hooks) runs as ``mlp(states)``.
 
     ``states``: ``(B, L, d)``; returns ``(B, L, d)``.
     """
@@ -265,10 +266,63 @@ def clip_mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
         and all(_runs_own_forward(fc, nn.Linear) and fc.bias is not None for fc in (fc1, fc2))
     ):
         return mlp(states)
+    inputs = (states.reshape(-1, states.shape[-1]), fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    device = states.device.type
+    with contextlib.ExitStack() as stack:
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            inputs = tuple(tensor.to(dtype) for tensor in inputs)
+            stack.enter_context(torch.autocast(device, enabled=False))
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
+            out = QuickGELUMLPFunction.apply(*inputs)
+        else:
+            out = _quick_gelu_mlp(*inputs)[1]
+    return out.view(*states.shape[:-1], -1)
+
+
+def _quick_gelu_mlp(
+    rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1.702 fc1(rows), fc2(quick_gelu(fc1(rows))))``: rows ``(N, d)`` -> ``(N, I)`` and ``(N, d)``."""
     scale = QUICK_GELU_SCALE
-    rows = states.reshape(-1, states.shape[-1])
-    activated = F.silu(torch.addmm(fc1.bias, rows, fc1.weight.t(), beta=scale, alpha=scale))
-    return torch.addmm(fc2.bias, activated, fc2.weight.t(), alpha=1 / scale).view(*states.shape[:-1], -1)
+    scaled = torch.addmm(b1, rows, w1.t(), beta=scale, alpha=scale)
+    return scaled, torch.addmm(b2, F.silu(scaled), w2.t(), alpha=1 / scale)
+
+
+class QuickGELUMLPFunction(torch.autograd.Function):
+    """``fc2(quick_gelu(fc1(rows)))`` with a backward pass that leaves the ``1.702`` scales out.
+
+    The gradient at the pre-activation is ``silu'(1.702 h) * (grad @ W2)``: the ``1 / 1.702`` of the output
+    and the ``1.702`` inside the SiLU cancel, so no element-wise multiply is needed for them (autograd over
+    the scaled ``addmm`` calls makes two). Saves ``1.702 h`` ``(N, I)`` for backward, and ``rows`` only where
+    ``fc1``'s weight needs a gradient (``fc2``'s weight gradient recomputes the activation from ``1.702 h``).
+    Differentiable once.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    ) -> torch.Tensor:
+        """rows ``(N, d)``, ``fc1`` weight ``(I, d)`` and bias ``(I,)``, ``fc2``'s ``(d, I)``, ``(d,)`` -> ``(N, d)``."""
+        scaled, out = _quick_gelu_mlp(rows, w1, b1, w2, b2)
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, w1, w2, scaled)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``grad`` ``(N, d)`` -> the gradients of ``forward``'s five inputs (``None`` where none is needed)."""
+        rows, w1, w2, scaled = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_rows = grad_w1 = grad_b1 = grad_w2 = None
+        if needs[3]:
+            grad_w2 = grad.t().mm(F.silu(scaled)).div_(QUICK_GELU_SCALE)
+        if any(needs[:3]):
+            grad_scaled = torch.ops.aten.silu_backward(grad.mm(w2), scaled)  # (N, I)
+            grad_rows = grad_scaled.mm(w1) if needs[0] else None
+            grad_w1 = grad_scaled.t().mm(rows) if needs[1] else None
+            grad_b1 = grad_scaled.sum(0) if needs[2] else None
+        return grad_rows, grad_w1, grad_b1, grad_w2, grad.sum(0) if needs[4] else None
 
 
 def _runs_own_forward(module: nn.Module | None, cls: type[nn.Module]) -> bool:

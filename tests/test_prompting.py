@@ -126,16 +126,26 @@ def _outputs_and_gradients(run, mlp: CLIPMLP, states: torch.Tensor, autocast: bo
     return [out.detach().float(), states.grad, *(p.grad for p in mlp.parameters())]
 
 
+@pytest.mark.parametrize("trainable", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
-def test_clip_mlp_gives_the_mlps_outputs_and_gradients(hidden_act, autocast):
-    mlp, states = _clip_mlp(hidden_act), 3 * torch.randn(2, 5, 16)
+def test_clip_mlp_gives_the_mlps_outputs_and_gradients(hidden_act, autocast, trainable):
+    mlp, states = _clip_mlp(hidden_act).requires_grad_(trainable), 3 * torch.randn(2, 5, 16)
     got = _outputs_and_gradients(lambda x: clip_mlp(mlp, x), mlp, states, autocast)
     want = _outputs_and_gradients(mlp, mlp, states, autocast)
     assert len(got) == 6 and got[0].shape == (2, 5, 16)
+    assert all((grad is not None) == trainable for grad in got[2:])
+    got, want = [t for t in got if t is not None], [t for t in want if t is not None]
     for a, b in zip(got, want, strict=True):  # bf16 keeps 8 bits of mantissa
         tolerance = 3e-2 if autocast else 1e-5
         torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
+
+
+def test_clip_mlp_gives_gradients_once():
+    mlp, states = _clip_mlp(), torch.randn(2, 5, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(clip_mlp(mlp, states).square().sum(), states, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def _saved_activation_bytes(run, mlp: CLIPMLP, states: torch.Tensor) -> int:
