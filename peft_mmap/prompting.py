@@ -269,7 +269,7 @@ def clip_mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
     inputs = (states.reshape(-1, states.shape[-1]), fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     device = states.device.type
     with contextlib.ExitStack() as stack:
-        if torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             inputs = tuple(tensor.to(dtype) for tensor in inputs)
             stack.enter_context(torch.autocast(device, enabled=False))

@@ -141,6 +141,11 @@ def test_clip_mlp_gives_the_mlps_outputs_and_gradients(hidden_act, autocast, tra
         torch.testing.assert_close(a, b, atol=tolerance * b.abs().max().item(), rtol=0)
 
 
+def test_clip_mlp_runs_on_the_meta_device():
+    mlp, states = _clip_mlp().to("meta"), torch.randn(2, 5, 16, device="meta", requires_grad=True)
+    assert clip_mlp(mlp, states).shape == (2, 5, 16)
+
+
 def test_clip_mlp_gives_gradients_once():
     mlp, states = _clip_mlp(), torch.randn(2, 5, 16, requires_grad=True)
     (grad,) = torch.autograd.grad(clip_mlp(mlp, states).square().sum(), states, create_graph=True)
