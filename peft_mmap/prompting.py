@@ -303,7 +303,10 @@ class QuickGELUMLPFunction(torch.autograd.Function):
     def forward(
         ctx: Any, rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     ) -> torch.Tensor:
-        """rows ``(N, d)``, ``fc1`` weight ``(I, d)`` and bias ``(I,)``, ``fc2``'s ``(d, I)``, ``(d,)`` -> ``(N, d)``."""
+        """Rows ``(N, d)``; ``fc1``'s weight ``(I, d)``, bias ``(I,)``; ``fc2``'s ``(d, I)``, ``(d,)``.
+
+        Returns ``(N, d)``.
+        """
         scaled, out = _quick_gelu_mlp(rows, w1, b1, w2, b2)
         ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, w1, w2, scaled)
         return out
@@ -311,7 +314,7 @@ class QuickGELUMLPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """``grad`` ``(N, d)`` -> the gradients of ``forward``'s five inputs (``None`` where none is needed)."""
+        """``grad`` ``(N, d)`` -> the gradients of ``forward``'s inputs (``None`` where none is needed)."""
         rows, w1, w2, scaled = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_rows = grad_w1 = grad_b1 = grad_w2 = None
