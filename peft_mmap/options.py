@@ -69,9 +69,9 @@ PERF_METHODS: dict[str, tuple[str, dict]] = {
     "mmap_all_rows": ("mmap", {}),
 }
 """Training methods ``peft-mmap perf`` times: perf name -> (registry name, builder options; ``"2b"`` =
-MmAP's tokens per layer). ``mmap_all_rows`` is MmAP through transformers' own layers, computing the layer outputs at the
-prompt positions that the next layer discards (`peft_mmap.prompting.computing_prompt_rows`): what the
-re-stated layer saves (skipped rows, prompt keys and values once per batch, the fused MLP)."""
+MmAP's tokens per layer). ``mmap_all_rows`` is MmAP through transformers' own layers, computing the layer
+outputs at the prompt positions that the next layer discards (`peft_mmap.prompting.computing_prompt_rows`):
+what the re-stated layer saves (skipped rows, prompt keys and values once per batch, the fused MLP)."""
 
 PERF_ALL_ROWS = "mmap_all_rows"
 """The `PERF_METHODS` entry that runs under `peft_mmap.prompting.computing_prompt_rows`."""

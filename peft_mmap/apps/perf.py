@@ -5,16 +5,17 @@ download). Measured side by side:
 
 * **training step** (``train``): ``model(pixel_values, task)`` + cross-entropy, backward and an SGD step
   (momentum 0.9), the text tower included (the 65 Office-Home class prompts of the task), for ``mmap`` (2
-  groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same
-  ``2b`` vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one
-  backbone), and ``mmap_all_rows`` (MmAP through transformers' own layers, also computing the layer outputs
-  at prompt positions that are discarded: what `peft_mmap.prompting`'s re-stated layer saves). Each method's forward and backward FLOPs are counted
-  by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on its first step
-  (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs about its
-  forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels.
+  groups + task adapters: ``2b`` prompt tokens per layer and tower), ``vpt_deep`` (VPT-MT with the same ``2b``
+  vision tokens), ``coop`` (CoOp-MT), ``maple`` (MaPLe-MT) and ``full_ft`` (full fine-tuning, one backbone),
+  and ``mmap_all_rows`` (MmAP through transformers' own layers, also computing the layer outputs at prompt
+  positions that are discarded: what `peft_mmap.prompting`'s re-stated layer saves). Each method's forward and
+  backward FLOPs are counted by `flop_counter` (``torch.utils.flop_counter`` plus fused attention on CPU) on
+  its first step (machine-independent; a frozen weight gets no gradient, so a prompt method's backward costs
+  about its forward and full fine-tuning's about twice); ``gflop_attention`` is the part in attention kernels.
   ``train_ratios`` gives, for every method, MmAP's time ratio to it, the FLOP ratio and their quotient: 1.0
-  means MmAP is exactly as efficient per FLOP, above 1 is MmAP overhead the FLOPs do not explain. ``page_faults`` counts each timed step's minor page faults (the
-  command line keeps freed memory for reuse on CPU, `keep_freed_memory`, so steps should have none);
+  means MmAP is exactly as efficient per FLOP, above 1 is MmAP overhead the FLOPs do not explain.
+  ``page_faults`` counts each timed step's minor page faults (the command line keeps freed memory for reuse on
+  CPU, `keep_freed_memory`, so steps should have none);
 * **memory** (``peak_mem_mb``): what the first step needs on top of the weights: on CUDA
   ``torch.cuda.max_memory_allocated`` during it minus the memory allocated before it; on CPU the bytes of
   the tensors saved for backward (distinct storages, parameters excluded, counted with
