@@ -6,10 +6,13 @@ fresh process, so they behave the same with or without a network and no traffic 
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -148,6 +151,39 @@ def test_an_uncached_hub_id_that_does_not_answer_is_asked_once(tmp_path):
     assert result.returncode == 1 and f"someorg/no-such-model: {UNREACHABLE}" in result.stderr
     assert "ReadTimeout" in result.stderr
     assert repo_requests == ["HEAD /someorg/no-such-model/resolve/main/config.json"]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder (404 for anything not in it) without logging each request."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_hub_that_answers_leaves_loading_to_transformers_as_before(workspace, tmp_path):
+    """Any answer (here 404: no such repository) means the Hub was reached: the reference goes to
+    transformers unchanged, cached or not, and transformers reports a missing repository itself."""
+    cache_model(workspace / "model", tmp_path, "someorg/cached")
+    (tmp_path / "empty").mkdir()
+    handler = functools.partial(QuietHandler, directory=str(tmp_path / "empty"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {
+            **hub_env(f"http://127.0.0.1:{server.server_address[1]}", tmp_path),
+            "HF_HUB_ETAG_TIMEOUT": "60",
+        }
+        code = "from peft_mmap.base_models import resolve_model\nfor r in ('someorg/cached', 'someorg/x'): print(resolve_model(r))"
+        result = run_fresh(code, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "ModelSource(name='someorg/cached', local_files_only=False)",
+        "ModelSource(name='someorg/x', local_files_only=False)",
+    ]
 
 
 @pytest.mark.parametrize("reference", ["/no/such/dir", "not a hub id"])
