@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TINY_CLIP_NAME = "peft_mmap:tiny-clip"
-"""The portable name of the shipped tiny CLIP, recorded in adapter configs, manifests and model cards in place
-of its folder; every loader of this package (and every ``--model`` option) resolves it to `TINY_CLIP_PATH`."""
+"""The portable name of the shipped tiny CLIP, written to adapter configs, manifests and model cards in place
+of its folder; every loader of this package (and every ``--model`` option) resolves it to `TINY_CLIP_PATH`.
+Not a valid Hub id: transformers refuses it without asking the Hub, and no Hub repository can take it."""
 TINY_CLIP_PATH: Path = Path(__file__).resolve().parent / "assets" / "tiny-clip"
 """The shipped tiny CLIP's folder (see `peft_mmap.apps.tiny_clip`)."""
 
@@ -139,11 +140,7 @@ def load_pretrained(cls: type[Loaded], reference: str | os.PathLike, **kwargs) -
 
 
 def load_clip_model(reference: str | os.PathLike, **kwargs) -> CLIPModel:
-    """A ``CLIPModel`` from a model reference (see `load_pretrained`), named by `portable_model_name`: PEFT
-    records that name as the adapters' ``base_model_name_or_path``, so adapters trained on the shipped tiny
-    CLIP name `TINY_CLIP_NAME`, not a folder on one machine."""
+    """A ``CLIPModel`` from a model reference (see `load_pretrained`)."""
     from transformers import CLIPModel
 
-    model = load_pretrained(CLIPModel, reference, **kwargs)
-    model.name_or_path = model.config.name_or_path = portable_model_name(model.name_or_path)
-    return model
+    return load_pretrained(CLIPModel, reference, **kwargs)

@@ -18,8 +18,9 @@ def save_adapters(peft_model: PeftModel, directory: str | Path, **kwargs) -> Non
     """``peft_model.save_pretrained(directory, **kwargs)`` without PEFT's check for changed embedding layers.
 
     MmAP adapters hold no embedding weights, so PEFT's "auto" check (did the vocabulary change?) has nothing to
-    find; it looks the base model up on the Hub and warns for a name it cannot find there, such as the shipped
-    tiny CLIP's portable name or any Hub id under ``HF_HUB_OFFLINE=1``.
+    find; it looks the base model up on the Hub (one request per adapter) and warns for a name it cannot find
+    there, such as any Hub id under ``HF_HUB_OFFLINE=1`` or the shipped tiny CLIP's portable name read back
+    from a saved config.
     """
     peft_model.save_pretrained(directory, save_embedding_layers=False, **kwargs)
 

@@ -12,7 +12,6 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 from transformers import CLIPTextModel, CLIPVisionModel
 
-from .base_models import portable_model_name
 from .config import CLIP_ENCODER_LAYERS, TOWERS, MmAPConfig
 from .files import check_safe_name, check_state_dict
 from .layer import MmAPLayer, MmAPSharedState, RouteSlot
@@ -168,8 +167,7 @@ class MmAPModel(BaseTuner):
         `MmAPConfig.from_pretrained` from a local folder, the shapes of the weights about to be loaded. As in
         PEFT, the adapter keeps the config object it was given (``peft_config[adapter_name] is config``) and
         records on it what it learns from the model: ``tower_sizes`` (when unset; a failed injection unsets it
-        again) and, for the shipped tiny CLIP, its portable name as ``base_model_name_or_path``
-        (`peft_mmap.base_models.portable_model_name`).
+        again).
         Parameters are created in the base model's dtype (PEFT's ``_cast_adapter_dtype`` then upcasts them
         unless ``autocast_adapter_dtype=False``). The trainability of the other adapters is left as it was;
         the new adapter is trainable iff it is active and its config is not in inference mode (as in PEFT).
@@ -188,7 +186,6 @@ class MmAPModel(BaseTuner):
         recorded = config.tower_sizes is None
         if recorded:
             config.tower_sizes = sizes
-        config.base_model_name_or_path = portable_model_name(config.base_model_name_or_path)
         m, n = config.source_shape
         weight = next(model.parameters())
         dtype = weight.dtype if weight.is_floating_point() else None

@@ -101,8 +101,8 @@ _LOOSE_NAMES = {other: label for label, (_, other) in AMBIGUOUS_LABELS.items()}
 
 
 def load_tiny_clip(path: str | os.PathLike = TINY_CLIP_PATH) -> tuple[CLIPModel, CLIPProcessor]:
-    """Load the shipped tiny CLIP (or one saved by :func:`pretrain_tiny_clip`) in eval mode, offline; the shipped
-    one is named ``peft_mmap:tiny-clip`` (`peft_mmap.base_models.TINY_CLIP_NAME`), the name its adapters record."""
+    """Load the shipped tiny CLIP (or one saved by :func:`pretrain_tiny_clip`) in eval mode, offline; adapters on
+    the shipped one record it as ``peft_mmap:tiny-clip`` (`peft_mmap.base_models.TINY_CLIP_NAME`)."""
     model = load_clip_model(path, local_files_only=True)
     processor = load_clip_processor(path, local_files_only=True)
     return model.eval(), processor
