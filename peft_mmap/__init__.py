@@ -60,7 +60,9 @@ _EXPORTS = {
     "SYNTHETIC_CLASSES": "apps.synthetic",
     "SYNTHETIC_DOMAINS": "apps.synthetic",
     "generate_benchmark": "apps.synthetic",
-    "TINY_CLIP_PATH": "apps.tiny_clip",
+    "TINY_CLIP_NAME": "base_models",
+    "TINY_CLIP_PATH": "base_models",
+    "load_clip_model": "base_models",
     "load_tiny_clip": "apps.tiny_clip",
     "NonFiniteLossError": "train",
     "TrainConfig": "train_config",
@@ -73,6 +75,7 @@ __all__ = [
     "MMAP_PEFT_TYPE",
     "SYNTHETIC_CLASSES",
     "SYNTHETIC_DOMAINS",
+    "TINY_CLIP_NAME",
     "TINY_CLIP_PATH",
     "AffinityResult",
     "Benchmark",
@@ -98,6 +101,7 @@ __all__ = [
     "generate_benchmark",
     "group_tasks",
     "grouping_score",
+    "load_clip_model",
     "load_split",
     "load_task_folders",
     "load_tiny_clip",
@@ -158,7 +162,8 @@ if TYPE_CHECKING:
     from .apps.bench import Benchmark, BenchmarkSpec, run_lr_search, run_shot_sweep
     from .apps.demo import run_demo
     from .apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, generate_benchmark
-    from .apps.tiny_clip import TINY_CLIP_PATH, load_tiny_clip
+    from .apps.tiny_clip import load_tiny_clip
+    from .base_models import TINY_CLIP_NAME, TINY_CLIP_PATH, load_clip_model
     from .baselines import METHODS, build_method
     from .classifier import CLIPTaskClassifier, TaskSpec
     from .config import MmAPConfig

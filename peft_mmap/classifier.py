@@ -24,6 +24,7 @@ from torch.nn.modules.module import (
 )
 from transformers import CLIPModel, CLIPProcessor, PreTrainedTokenizerBase
 
+from .base_models import load_pretrained
 from .files import check_safe_name
 from .options import DEFAULT_TEMPLATE
 
@@ -99,13 +100,14 @@ def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[
 
 
 def load_clip_processor(model: str | os.PathLike, **kwargs) -> CLIPProcessor:
-    """``CLIPProcessor.from_pretrained(model)`` with the PIL image backend, chosen explicitly.
+    """``CLIPProcessor.from_pretrained(model)`` with the PIL image backend, chosen explicitly; ``model`` is a
+    model reference (see `peft_mmap.base_models.load_pretrained`).
 
     transformers (>= 5.4) otherwise picks torchvision when it is installed and PIL when it is not, so the
     pixel values, and every accuracy, would depend on what else is installed. PIL matches the original CLIP
     preprocessing (a PIL bicubic resize) and is the backend the shipped tiny CLIP was trained with.
     """
-    return CLIPProcessor.from_pretrained(model, backend="pil", **kwargs)
+    return load_pretrained(CLIPProcessor, model, backend="pil", **kwargs)
 
 
 class CLIPTaskClassifier(nn.Module):

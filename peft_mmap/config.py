@@ -10,6 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
+from .base_models import portable_model_name
 from .checks import is_positive_int
 from .files import check_safetensors, new_file_mode
 from .options import MMAP_CLI_FIELDS, SCALE_INITS
@@ -138,8 +139,15 @@ class MmAPConfig(PeftConfig):
         _check_tower_sizes(self.tower_sizes)
 
     def to_dict(self) -> dict:
-        """The fields as JSON values (sets as sorted lists): exactly what ``adapter_config.json`` holds."""
-        return {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
+        """The fields as JSON values (sets as sorted lists): exactly what ``adapter_config.json`` holds.
+
+        ``base_model_name_or_path`` is written portably: the shipped tiny CLIP's folder, which PEFT records as
+        the path the model was loaded from, becomes its name ``peft_mmap:tiny-clip``; a Hub id or a user's own
+        folder is written as PEFT recorded it (`peft_mmap.base_models.portable_model_name`).
+        """
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
+        data["base_model_name_or_path"] = portable_model_name(data.get("base_model_name_or_path"))
+        return data
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write ``adapter_config.json`` (PEFT's writer) and give the folder's weights normal permissions.

@@ -9,8 +9,20 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from peft import PeftModel
 
+from .base_models import TINY_CLIP_NAME, is_hub_id, portable_model_name
 from .files import atomic_write_text
 from .model import MmAPModel
+
+
+def save_adapters(peft_model: PeftModel, directory: str | Path, **kwargs) -> None:
+    """``peft_model.save_pretrained(directory, **kwargs)`` without PEFT's check for changed embedding layers.
+
+    MmAP adapters hold no embedding weights, so PEFT's "auto" check (did the vocabulary change?) has nothing to
+    find; it looks the base model up on the Hub (one request per adapter) and warns for a name it cannot find
+    there, such as any Hub id under ``HF_HUB_OFFLINE=1`` or the shipped tiny CLIP's portable name read back
+    from a saved config.
+    """
+    peft_model.save_pretrained(directory, save_embedding_layers=False, **kwargs)
 
 
 def adapter_parameter_counts(peft_model: PeftModel) -> dict[str, int]:
@@ -25,8 +37,18 @@ def adapter_parameter_counts(peft_model: PeftModel) -> dict[str, int]:
 
 
 def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", extra: str = "") -> str:
-    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes."""
-    base_name = getattr(peft_model.get_base_model().config, "_name_or_path", "") or "unknown"
+    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes.
+
+    The base model is named as the adapters' configs name it: the Hub id, the shipped tiny CLIP's portable
+    name (`peft_mmap.base_models.TINY_CLIP_NAME`) or a local path; the front matter's ``base_model`` (which
+    the Hub checks) is written for a Hub id only.
+    """
+    base = portable_model_name(getattr(peft_model.get_base_model().config, "_name_or_path", "") or None)
+    base_name = base or "unknown"
+    if base == TINY_CLIP_NAME:
+        load_base = f'clip = peft_mmap.load_clip_model("{base}")'
+    else:
+        load_base = f'clip = CLIPModel.from_pretrained("{base_name}")'
     counts = adapter_parameter_counts(peft_model)
     rows = []
     for name, config in peft_model.peft_config.items():
@@ -37,8 +59,8 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
             f"{config.depth or 'all'} | {counts[name]:,} |"
         )
     front = ["---", "library_name: peft", "tags:", "- peft", "- mmap", "- clip", "- prompt-tuning"]
-    if base_name != "unknown":
-        front.append(f"base_model: {base_name}")
+    if base is not None and is_hub_id(base):
+        front.append(f"base_model: {base}")
     front.append("---")
     body = [
         f"# {title}",
@@ -59,7 +81,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
         "from peft import PeftModel",
         "from transformers import CLIPModel",
         "",
-        f'clip = CLIPModel.from_pretrained("{base_name}")',
+        load_base,
         'model = PeftModel.from_pretrained(clip, "<repo>", subfolder="<adapter>", adapter_name="<adapter>")',
         "```",
     ]
@@ -88,7 +110,7 @@ def push_to_hub(
     """
 
     def write(folder: Path) -> None:
-        peft_model.save_pretrained(folder)
+        save_adapters(peft_model, folder)
         save_model_card(peft_model, folder)
 
     return upload(write, repo_id, private=private, token=token, commit_message=commit_message, api=api)

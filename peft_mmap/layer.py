@@ -220,7 +220,8 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
         """``hidden_states``: ``(B, L, d)`` (``L + T`` after the first layer) -> same layout.
 
         The adapters of this call: ``routes`` (per-sample slots, see `RouteSlot`), else ``adapter_names`` (in
-        slot order), else the active adapters. `MmAPModel.use_adapters` and `MmAPModel.adapter_routes`
+        slot order), else the active adapters; with none (every adapter deleted, or ``adapter_names=[]``) it is
+        the base layer's own forward. `MmAPModel.use_adapters` and `MmAPModel.adapter_routes`
         pass the first two to every layer through forward pre-hooks, as PEFT passes LoRA's ``adapter_names``.
         """
         if self.disable_adapters:
@@ -230,7 +231,7 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             names = tuple(name for route in routes for name in route.names)
         else:
             names = tuple(self.active_adapters if adapter_names is None else adapter_names)
-            slots = self._active_slots(names, hidden_states)
+            slots = self._active_slots(names, hidden_states) if names else []  # none: the base layer alone
         next_replaces = all(self._shared.depths[n] > self.layer_index + 1 for n in names)
         return forward_with_prompt_slots(
             self.base_layer,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -72,7 +71,9 @@ def check_tower_sizes(config: MmAPConfig, sizes: dict[str, dict[str, int]], adap
     base = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
     raise ValueError(
         f"MmAP adapter {adapter_name!r} was saved for a CLIP model{base} with {describe_sizes(config.tower_sizes)}; "
-        f"this model has {describe_sizes(sizes)}. Load it onto the base model it was trained on."
+        f"this model has {describe_sizes(sizes)}. Load it onto the base model it was trained on; a new adapter "
+        "for this model needs a config without tower_sizes (a fresh MmAPConfig, or "
+        "dataclasses.replace(config, tower_sizes=None))."
     )
 
 
@@ -163,8 +164,10 @@ class MmAPModel(BaseTuner):
         """Validate name, config and recorded sizes, create the source prompts, then wrap/update the layers.
 
         Every check runs before the model is changed, including, for a config read by
-        `MmAPConfig.from_pretrained` from a local folder, the shapes of the weights about to be loaded. A
-        config without ``tower_sizes`` is copied and the copy records this model's sizes (the caller's object is left as it was, so it can be reused).
+        `MmAPConfig.from_pretrained` from a local folder, the shapes of the weights about to be loaded. As in
+        PEFT, the adapter keeps the config object it was given (``peft_config[adapter_name] is config``) and
+        records on it what it learns from the model: ``tower_sizes`` (when unset; a failed injection unsets it
+        again).
         Parameters are created in the base model's dtype (PEFT's ``_cast_adapter_dtype`` then upcasts them
         unless ``autocast_adapter_dtype=False``). The trainability of the other adapters is left as it was;
         the new adapter is trainable iff it is active and its config is not in inference mode (as in PEFT).
@@ -180,10 +183,9 @@ class MmAPModel(BaseTuner):
             check_state_dict(
                 checkpoint_shapes(model, config, towers, depth), saved_shapes, misfit(adapter_name)
             )
-        if config.tower_sizes is None:
-            config = copy.copy(config)
+        recorded = config.tower_sizes is None
+        if recorded:
             config.tower_sizes = sizes
-            self.peft_config[adapter_name] = config
         m, n = config.source_shape
         weight = next(model.parameters())
         dtype = weight.dtype if weight.is_floating_point() else None
@@ -199,6 +201,8 @@ class MmAPModel(BaseTuner):
             )
         except Exception:
             self._forget_adapter(adapter_name)
+            if recorded:
+                config.tower_sizes = None
             raise
         for name, requires_grad in existing.items():
             self.mmap_source[name].requires_grad_(requires_grad)

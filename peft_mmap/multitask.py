@@ -15,6 +15,7 @@ from peft.utils import set_peft_model_state_dict
 from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
 
 from ._version import __version__
+from .base_models import load_clip_model, load_pretrained, portable_model_name
 from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, load_clip_processor
 from .config import MmAPConfig
 from .files import (
@@ -23,7 +24,7 @@ from .files import (
     load_safetensors,
     read_json,
 )
-from .hub import save_model_card, upload
+from .hub import save_adapters, save_model_card, upload
 from .manifest import (
     ADAPTER_FILES,
     MANIFEST_CONFIG_FIELDS,
@@ -54,7 +55,8 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         groups: a partition of the task names; ``None`` = no group adapters (task adapters only).
         config: MmAP config used for every adapter.
         task_adapters: give each task its own adapter (``False``: group adapters only).
-        base_model_id: hub id or path of ``clip``, written to the manifest.
+        base_model_id: hub id or path of ``clip``, written to the manifest (the shipped tiny CLIP as its
+            portable name, see `peft_mmap.base_models.portable_model_name`).
     """
 
     def __init__(
@@ -73,7 +75,9 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             raise ValueError("MultiTaskMmAP needs group adapters, task adapters or both.")
         self.config = config or MmAPConfig()
         self.task_adapters = task_adapters
-        self.base_model_id = base_model_id or getattr(clip.config, "_name_or_path", "") or None
+        self.base_model_id = portable_model_name(
+            base_model_id or getattr(clip.config, "_name_or_path", "") or None
+        )
         names = [group_adapter_name(i) for i in range(len(self.groups))]
         if task_adapters:
             clash = sorted(set(names) & set(specs))
@@ -153,7 +157,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         files = [f"{name}/{file}" for name in self.adapter_names for file in ADAPTER_FILES]
 
         def write(staging: Path) -> None:
-            self.peft_model.save_pretrained(staging, selected_adapters=self.adapter_names)
+            save_adapters(self.peft_model, staging, selected_adapters=self.adapter_names)
             if "default" in self.adapter_names:  # PEFT writes the "default" adapter at the top level
                 (staging / "default").mkdir()
                 for file in ADAPTER_FILES:
@@ -200,8 +204,9 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **hub_kwargs,
     ) -> MultiTaskMmAP:
-        """Rebuild a saved model: ``base_model`` (hub id, folder or ``CLIPModel``) plus a saved folder (or the
-        ``peft-mmap train`` run folder holding it in ``adapters/``) or hub repo."""
+        """Rebuild a saved model: ``base_model`` (a model reference, see `peft_mmap.base_models`, or a
+        ``CLIPModel``) plus a saved folder (or the ``peft-mmap train`` run folder holding it in ``adapters/``)
+        or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
         manifest = read_manifest(folder)
         if isinstance(base_model, CLIPModel):
@@ -212,12 +217,12 @@ class MultiTaskMmAP(CLIPTaskClassifier):
                 f"base_model: expected a CLIPModel, a hub id or a folder, got {type(base_model).__name__}."
             )
         else:
-            clip = CLIPModel.from_pretrained(base_model)
-            base_id = str(base_model)
+            clip = load_clip_model(base_model)
+            base_id = portable_model_name(base_model)
         if tokenizer is None:
             if not base_id:
                 raise ValueError("The manifest names no base model: pass `tokenizer=` explicitly.")
-            tokenizer = CLIPTokenizer.from_pretrained(base_id)
+            tokenizer = load_pretrained(CLIPTokenizer, base_id)
         # The base sizes the adapters were saved for: a CLIP of other sizes is refused before it is wrapped.
         config_path = folder / manifest["adapters"][0] / ADAPTER_FILES[0]
         saved = read_json(config_path, "MmAP adapter config")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,52 @@ def assert_umask_modes(root: Path, mask: int) -> int:
         assert mode == expected, f"{path}: mode {mode:04o}, expected {expected:04o} under umask {mask:03o}"
         files += path.is_file()
     return files
+
+
+CLOSED_PORT_ENDPOINT = "http://127.0.0.1:9"
+"""An endpoint nothing listens on (the discard port): a Hub that refuses every connection at once."""
+
+
+def hub_env(endpoint: str, hf_home: Path) -> dict[str, str]:
+    """The environment of a fresh process that would use the Hub at ``endpoint`` (``HF_HUB_OFFLINE`` unset), with
+    an empty cache in ``hf_home``, a metadata timeout of 1 s and this checkout on the path; no traffic leaves
+    the machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(hf_home),
+        HF_HUB_ETAG_TIMEOUT="1",
+        NO_PROXY="127.0.0.1,localhost",
+        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+@contextlib.contextmanager
+def unanswered_hub() -> Iterator[tuple[str, Callable[[], list[str]]]]:
+    """A local endpoint that accepts connections and never answers: a Hub behind a network that drops replies.
+
+    Yields its URL and a function returning the request lines received so far (``"HEAD /org/name/resolve/
+    main/config.json"``, one per request, so a retried request shows up twice). Requests wait in the listening
+    socket's queue; nothing runs in the background.
+    """
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    lines: list[str] = []
+
+    def requests() -> list[str]:
+        server.setblocking(False)
+        while True:
+            try:
+                connection, _ = server.accept()
+            except BlockingIOError:
+                return list(lines)
+            with connection:
+                connection.settimeout(5)
+                first = connection.recv(65536).decode("latin-1").split("\r\n", 1)[0]
+            lines.append(" ".join(first.split()[:2]))
+
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", requests
+    finally:
+        server.close()

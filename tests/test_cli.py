@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLOSED_PORT_ENDPOINT, hub_env, unanswered_hub
 from conftest import WORKSPACE_TASKS as TASKS
 
 from peft_mmap.apps.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
+from peft_mmap.base_models import TINY_CLIP_NAME
 from peft_mmap.data import few_shot_split, save_split, scan_image_folder
 from peft_mmap.manifest import MANIFEST_NAME
 from peft_mmap.train import TrainResult
@@ -213,7 +215,8 @@ def early_refusals(root: Path, out: Path) -> dict[str, list[str]]:
 
 
 REFUSALS = {
-    "--model /no/such/dir": "'/no/such/dir' is not a local folder, and not a hub id of the form org/name",
+    "--model /no/such/dir": "'/no/such/dir' is not a local folder, not 'peft_mmap:tiny-clip' and not a hub id of "
+    "the form org/name",
     "--num-groups 3 with 2 tasks": "--num-groups 3 asks for more groups than there are tasks (2)",
     "bench --num-groups 4 with 3 tasks": "--num-groups 4 asks for more groups than there are tasks (3)",
     "bench --lr-search with --sweep-shots": "--lr-search and --sweep-shots cannot be combined",
@@ -296,3 +299,69 @@ def test_train_summary_names_losses_time_and_adapters(tmp_path):
     assert lines[2].split() == ["art", "1.5000", "1.0000"]
     assert lines[3].split() == ["clipart", "2.2500", "2.0000"]
     assert lines[-1].startswith(f"adapters: {tmp_path / 'run' / 'adapters'}")
+
+
+UNREACHABLE = "someorg/no-such-model: no network: the Hugging Face Hub"
+MODEL_COMMANDS = ("train", "group", "eval", "bench", "demo")
+
+
+def hub_model_argv(command: str, root: Path, out: Path) -> list[str]:
+    """``command`` with ``--model someorg/no-such-model`` and otherwise valid arguments."""
+    data = ["--data", str(root / "data"), "--shots", "2"]
+    rest = {
+        "train": [*data, "--output", str(out / "run")],
+        "group": [*data, "--output", str(out / "grouping")],
+        "eval": [*data, "--split-file", str(out / "split.json"), "--adapters", str(out / "run")],
+        "bench": [*data, "--output", str(out / "bench")],
+        "demo": ["--output", str(out / "demo")],
+    }[command]
+    return [command, "--model", "someorg/no-such-model", *rest]
+
+
+def run_cli_with_hub(argv: list[str], endpoint: str, hf_home: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process whose Hub is ``endpoint`` (``HF_HUB_OFFLINE`` unset, empty cache)."""
+    return subprocess.run(
+        [sys.executable, "-m", "peft_mmap.apps.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=hub_env(endpoint, hf_home),
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_a_hub_id_the_hub_cannot_be_reached_for_is_a_usage_error(command, workspace, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli_with_hub(hub_model_argv(command, workspace, out), CLOSED_PORT_ENDPOINT, tmp_path / "hf")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert (
+        len(errors) == 1 and f"error: argument --model: {UNREACHABLE} ({CLOSED_PORT_ENDPOINT})" in errors[0]
+    )
+    assert "a local folder" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0]
+    assert not list(out.iterdir())
+
+
+def test_train_asks_a_hub_that_does_not_answer_once_and_does_not_retry(workspace, tmp_path):
+    with unanswered_hub() as (endpoint, requests):
+        result = run_cli_with_hub(hub_model_argv("train", workspace, tmp_path), endpoint, tmp_path / "hf")
+        repo_requests = [line for line in requests() if "someorg/no-such-model" in line]
+    assert result.returncode == 2 and UNREACHABLE in result.stderr, result.stderr
+    assert repo_requests == ["HEAD /someorg/no-such-model/resolve/main/config.json"]
+
+
+def test_the_shipped_tiny_clip_by_its_portable_name_and_eval_without_model(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    data = ["--data", str(workspace / "data"), "--shots", "2", "--split-file", str(tmp_path / "split.json")]
+    train = ["train", "--model", TINY_CLIP_NAME, *data, "--epochs", "1", "--batch-size", "2", "--max-steps", "1",
+             "--groups-inline", "art,clipart;product", "--device", "cpu", "--output", str(run)]  # fmt: skip
+    assert main(train) == 0
+    manifest = json.loads((run / "adapters" / MANIFEST_NAME).read_text())
+    assert manifest["base_model"] == TINY_CLIP_NAME
+    for name in manifest["adapters"]:
+        config = json.loads((run / "adapters" / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == TINY_CLIP_NAME
+    capsys.readouterr()
+    assert main(["eval", *data, "--adapters", str(run), "--device", "cpu"]) == 0  # the base from the manifest
+    assert "mmap vs zero-shot:" in capsys.readouterr().out

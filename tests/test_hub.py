@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import make_clip
 from peft import get_peft_model
 
 import peft_mmap
 from peft_mmap import MmAPConfig
+from peft_mmap.hub import save_adapters
 
 
 class RecordingApi:
@@ -74,3 +78,18 @@ def test_peft_push_to_hub_uploads_the_adapter_files(two_adapter_model, monkeypat
     )
     two_adapter_model.push_to_hub("me/officehome-mmap")
     assert {"group0/adapter_model.safetensors", "art/adapter_model.safetensors"} <= set(uploaded)
+
+
+def test_saving_looks_nothing_up_about_the_base_models_vocabulary(tmp_path):
+    """PEFT's default save checks on the Hub whether the base's vocabulary changed, and warns offline (the suite
+    runs under HF_HUB_OFFLINE=1) for a base named by a Hub id; MmAP adapters hold no embedding weights."""
+    clip = make_clip()
+    clip.name_or_path = "someorg/clip"  # as a model loaded from the Hub is named
+    model = get_peft_model(clip, MmAPConfig(prompt_length=2, source_shape=(1, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapters(model, tmp_path)
+    assert (
+        json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "someorg/clip"
+    )

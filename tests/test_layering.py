@@ -27,6 +27,7 @@ LAYERS = {
     "peft_mmap": METHOD,
     "peft_mmap._autoregister": METHOD,
     "peft_mmap._version": METHOD,
+    "peft_mmap.base_models": METHOD,
     "peft_mmap.checks": METHOD,
     "peft_mmap.files": METHOD,
     "peft_mmap.options": METHOD,

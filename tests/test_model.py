@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,12 +22,15 @@ from transformers import (
 
 from peft_mmap import MmAPConfig, MmAPLayer
 
-CFG = MmAPConfig(prompt_length=4, source_shape=(2, 8))
+
+def cfg() -> MmAPConfig:
+    """A fresh config (b=4, m×n=2×8): injection records the model's tower sizes on the config it is given."""
+    return MmAPConfig(prompt_length=4, source_shape=(2, 8))
 
 
 def _two_adapters(clip):
-    model = get_peft_model(clip, CFG, adapter_name="group0")
-    model.add_adapter("art", CFG)
+    model = get_peft_model(clip, cfg(), adapter_name="group0")
+    model.add_adapter("art", cfg())
     model.base_model.set_adapter(["group0", "art"])
     return model
 
@@ -51,9 +55,9 @@ def test_parameter_count_matches_formula(clip):
 
 
 def test_gradients_reach_active_adapters_only(clip, batch):
-    model = get_peft_model(clip, CFG, adapter_name="group0")
-    model.add_adapter("art", CFG)
-    model.add_adapter("clipart", CFG)
+    model = get_peft_model(clip, cfg(), adapter_name="group0")
+    model.add_adapter("art", cfg())
+    model.add_adapter("clipart", cfg())
     _randomise(model)  # zero-initialised scales would give the source prompts no gradient at step 0
     model.base_model.set_adapter(["group0", "art"])
     model(**batch).logits_per_image.sum().backward()
@@ -64,9 +68,9 @@ def test_gradients_reach_active_adapters_only(clip, batch):
 
 
 def test_inactive_adapters_are_untouched_by_training(clip, batch):
-    model = get_peft_model(clip, CFG, adapter_name="group0")
-    model.add_adapter("art", CFG)
-    model.add_adapter("clipart", CFG)
+    model = get_peft_model(clip, cfg(), adapter_name="group0")
+    model.add_adapter("art", cfg())
+    model.add_adapter("clipart", cfg())
     _randomise(model)
     model.base_model.set_adapter(["group0", "art"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,6 +140,21 @@ def test_delete_adapter(clip, batch):
     model(**batch)
 
 
+def test_with_every_adapter_deleted_the_model_runs_as_the_base_model(clip, batch):
+    expected = clip(**batch).logits_per_image.clone()
+    model = _two_adapters(clip)
+    _randomise(model)
+    assert not torch.allclose(model(**batch).logits_per_image, expected)
+    model.delete_adapter("art")
+    model.delete_adapter("group0")
+    assert model.active_adapters == [] and not model.base_model.mmap_source
+    # Every MmAPLayer runs its base layer's own forward, so the outputs are the base model's exactly. (The
+    # PeftModel itself, whose `active_adapter` still names the deleted adapter, then fails in PEFT's own
+    # `active_peft_config` / `has_active_enabled_adapter`, as it does for LoRA: the tuner is called here.)
+    assert torch.equal(model.base_model(**batch).logits_per_image, expected)
+    assert torch.equal(model.base_model.model(**batch).logits_per_image, expected)
+
+
 def test_unload_returns_the_untouched_base_model(clip, batch):
     base_state = {k: v.clone() for k, v in clip.state_dict().items()}
     expected = clip(**batch).logits_per_image.clone()
@@ -148,7 +167,7 @@ def test_unload_returns_the_untouched_base_model(clip, batch):
     assert torch.equal(base(**batch).logits_per_image, expected)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rewrapped = get_peft_model(base, CFG, adapter_name="again")
+        rewrapped = get_peft_model(base, cfg(), adapter_name="again")
     assert not [w for w in caught if "peft_config" in str(w.message)]
     assert list(rewrapped.peft_config) == ["again"]
 
@@ -178,7 +197,7 @@ def test_single_tower_models(cls, sub, tower, batch, tmp_path):
         {"pixel_values": batch["pixel_values"]} if tower == "vision" else {"input_ids": batch["input_ids"]}
     )
     base = model(**inputs).last_hidden_state if "WithProjection" not in cls.__name__ else None
-    peft_model = get_peft_model(model, CFG, adapter_name="task")
+    peft_model = get_peft_model(model, cfg(), adapter_name="task")
     _randomise(peft_model)
     layers = [m for m in peft_model.modules() if isinstance(m, MmAPLayer)]
     assert {m.tower for m in layers} == {tower} and len(layers) == LAYERS
@@ -195,9 +214,9 @@ def test_single_tower_models(cls, sub, tower, batch, tmp_path):
 
 
 def test_mixed_routes_equal_per_task_batches(clip, batch):
-    model = get_peft_model(clip, CFG, adapter_name="g")
-    model.add_adapter("a", CFG)
-    model.add_adapter("b", CFG)
+    model = get_peft_model(clip, cfg(), adapter_name="g")
+    model.add_adapter("a", cfg())
+    model.add_adapter("b", cfg())
     _randomise(model)
     pixels = batch["pixel_values"]
     per_task = []
@@ -213,7 +232,7 @@ def test_mixed_routes_equal_per_task_batches(clip, batch):
 
 def test_adapters_chosen_per_call_equal_set_adapter_and_change_no_state(clip, batch):
     model = _two_adapters(clip)
-    model.add_adapter("b", CFG)
+    model.add_adapter("b", cfg())
     _randomise(model)
     model.base_model.set_adapter(["group0", "art"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -268,7 +287,7 @@ def _forget_tower_sizes(folder):
 @pytest.mark.parametrize("case", list(OTHER_BASES))
 def test_loading_onto_another_base_is_refused_naming_its_sizes(clip, tmp_path, case):
     target, sizes, _ = OTHER_BASES[case]
-    get_peft_model(clip, CFG, adapter_name="one").save_pretrained(tmp_path)
+    get_peft_model(clip, cfg(), adapter_name="one").save_pretrained(tmp_path)
     base = target()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match=f"MmAP adapter 'one' {SAVED_FOR}{sizes}\\."):
@@ -281,7 +300,7 @@ def test_loading_onto_another_base_is_refused_naming_its_sizes(clip, tmp_path, c
 @pytest.mark.parametrize("case", list(OTHER_BASES))
 def test_configs_without_tower_sizes_still_load_and_are_checked_by_shape(clip, batch, tmp_path, case):
     target, _, shape_problem = OTHER_BASES[case]
-    model = get_peft_model(clip, CFG, adapter_name="one")
+    model = get_peft_model(clip, cfg(), adapter_name="one")
     _randomise(model)
     model.save_pretrained(tmp_path)
     _forget_tower_sizes(tmp_path / "one")
@@ -296,7 +315,7 @@ def test_configs_without_tower_sizes_still_load_and_are_checked_by_shape(clip, b
     assert not any(isinstance(m, MmAPLayer) for m in base.modules())
 
 
-def test_injection_records_the_tower_sizes_and_leaves_the_callers_config_alone(tmp_path):
+def test_injection_records_the_tower_sizes_on_the_config_it_was_given(tmp_path):
     config = MmAPConfig(prompt_length=4, source_shape=(2, 8))
     model = get_peft_model(make_clip(), config, adapter_name="one")
     model.save_pretrained(tmp_path)
@@ -304,11 +323,33 @@ def test_injection_records_the_tower_sizes_and_leaves_the_callers_config_alone(t
         "text": {"hidden_size": TEXT_HIDDEN, "num_layers": LAYERS},
         "vision": {"hidden_size": VISION_HIDDEN, "num_layers": LAYERS},
     }
-    assert model.peft_config["one"].tower_sizes == expected
+    assert model.peft_config["one"] is config and config.tower_sizes == expected  # as PEFT keeps its configs
     assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["tower_sizes"] == expected
-    assert config.tower_sizes is None  # the same config object still fits other models
-    vision_only = get_peft_model(CLIPVisionModel(tiny_clip_config().vision_config), config)
-    assert vision_only.peft_config["default"].tower_sizes == {"vision": expected["vision"]}
+    vision_only = CLIPVisionModel(tiny_clip_config().vision_config)
+    with pytest.raises(ValueError, match=r"needs a config without tower_sizes .*dataclasses\.replace"):
+        get_peft_model(vision_only, config)
+    fresh = dataclasses.replace(config, tower_sizes=None)
+    assert get_peft_model(vision_only, fresh).peft_config["default"].tower_sizes == {
+        "vision": expected["vision"]
+    }
+
+
+def test_a_failed_injection_leaves_the_config_as_it_was(clip):
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8), target_modules=["text_projection"])
+    with pytest.raises(ValueError, match="MmAP can only wrap CLIP encoder layers"):
+        get_peft_model(clip, config)
+    assert config.tower_sizes is None
+
+
+def test_from_pretrained_keeps_the_config_object_it_was_given(clip, batch, tmp_path):
+    """PEFT's generic test: ``PeftModel.from_pretrained(model, path, config=config)`` uses ``config`` itself."""
+    model = get_peft_model(clip, cfg())
+    _randomise(model)
+    model.save_pretrained(tmp_path)
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8))
+    loaded = PeftModel.from_pretrained(make_clip(), tmp_path, config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode
+    torch.testing.assert_close(loaded(**batch).logits_per_image, model(**batch).logits_per_image)
 
 
 def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
@@ -330,7 +371,7 @@ def test_load_adapter_mismatch_keeps_existing_adapters(tmp_path, batch):
 
 def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_path, batch):
     wide = make_clip(text={"hidden_size": 64, "intermediate_size": 64})
-    get_peft_model(wide, CFG, adapter_name="wide").save_pretrained(tmp_path)
+    get_peft_model(wide, cfg(), adapter_name="wide").save_pretrained(tmp_path)
     model = _two_adapters(make_clip())
     _randomise(model)
     expected = model(**batch).logits_per_image
@@ -356,7 +397,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_the_model_is_to
 ):
     """Only the weights' shapes tell (a config saved without ``tower_sizes``): still nothing changes."""
     target = OTHER_BASES[case][0]
-    get_peft_model(target(), CFG, adapter_name="other").save_pretrained(tmp_path)
+    get_peft_model(target(), cfg(), adapter_name="other").save_pretrained(tmp_path)
     _forget_tower_sizes(tmp_path / "other")
     model = _two_adapters(make_clip())
     _randomise(model)
@@ -388,7 +429,7 @@ def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monke
     """``PeftModel.from_pretrained(base, "user/repo")`` with a config saved without ``tower_sizes``: the
     weights file is fetched with the config, so a misfit is refused before injection and a damaged file is
     named (the Hub is a local folder served through ``hf_hub_download``)."""
-    get_peft_model(OTHER_BASES["wider-text"][0](), CFG).save_pretrained(tmp_path)
+    get_peft_model(OTHER_BASES["wider-text"][0](), cfg()).save_pretrained(tmp_path)
     _forget_tower_sizes(tmp_path)
     fetched = []
 
@@ -415,7 +456,7 @@ def test_a_hub_checkpoint_is_checked_before_the_model_is_touched(tmp_path, monke
 def test_a_hub_repository_without_safetensors_weights_is_left_to_peft(tmp_path, monkeypatch):
     from huggingface_hub.errors import EntryNotFoundError
 
-    get_peft_model(make_clip(), CFG).save_pretrained(tmp_path)
+    get_peft_model(make_clip(), cfg()).save_pretrained(tmp_path)
 
     def download(repo_id, filename, subfolder=None, **kwargs):
         if filename == "adapter_model.safetensors":
@@ -424,7 +465,7 @@ def test_a_hub_repository_without_safetensors_weights_is_left_to_peft(tmp_path, 
 
     _serve_hub(monkeypatch, download)
     config = MmAPConfig.from_pretrained("user/mmap-adapter")
-    assert config.prompt_length == CFG.prompt_length and not hasattr(config, "checkpoint_shapes")
+    assert config.prompt_length == cfg().prompt_length and not hasattr(config, "checkpoint_shapes")
 
 
 # ---- PEFT conformance: the expectations PEFT's own tests check for LoRA --------------------------------

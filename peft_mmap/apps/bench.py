@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPModel
 
 from ..affinity import save_affinity, task_affinity
+from ..base_models import load_clip_model
 from ..baselines import METHODS, build_method
 from ..checkpoint import find_checkpoint
 from ..checks import is_positive_int, is_positive_number
@@ -160,7 +161,8 @@ class Benchmark:
     """Runs a `BenchmarkSpec` on a model and image-folder tasks, writing everything under ``output_dir``.
 
     Args:
-        model_id: hub id or folder of a ``CLIPModel`` + ``CLIPProcessor``.
+        model_id: hub id or folder of a ``CLIPModel`` + ``CLIPProcessor`` (or the shipped tiny CLIP's name, see
+            `peft_mmap.base_models`).
         folders: the tasks (``peft_mmap.data.scan_image_folder`` / ``office_home`` / ``domainnet``).
         spec: what to run.
         output_dir: results, splits, grouping, per-run files and trainer checkpoints.
@@ -185,7 +187,7 @@ class Benchmark:
         self.log = log
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.processor = load_clip_processor(self.model_id)
-        self._base = CLIPModel.from_pretrained(self.model_id).eval()
+        self._base = load_clip_model(self.model_id).eval()
         self._seed_data: dict[int, SeedData] = {}
 
     # ---- data ------------------------------------------------------------------------------------------

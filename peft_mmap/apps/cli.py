@@ -7,7 +7,7 @@ layout, split, groups, existing checkpoints, unreadable images) before its expen
 nothing when a check fails.
 
 This module imports only the standard library and torch-free modules (`peft_mmap.options`,
-`peft_mmap.train_config`, `peft_mmap.files`), so ``peft-mmap --help`` and ``peft-mmap <command> --help``
+`peft_mmap.train_config`, `peft_mmap.files`, `peft_mmap.base_models`), so ``peft-mmap --help`` and ``peft-mmap <command> --help``
 answer without importing torch, transformers or peft; each command imports what it needs when it runs.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from ..base_models import TINY_CLIP_NAME, load_clip_model, resolve_model
 from ..files import atomic_write_json, read_json
 from ..options import (
     ARCHS,
@@ -97,12 +98,16 @@ num_groups_type.__name__ = f"a positive integer or '{BEST}'"
 
 
 def check_model(text: str) -> str:
-    """A model reference that can be loaded: a local folder holding a CLIP checkpoint (``config.json``), or
-    a hub id ``org/name``. Only the form is checked here; nothing is loaded or downloaded.
+    """A model reference that can be loaded: a local folder holding a CLIP checkpoint (``config.json``), the
+    shipped tiny CLIP's name ``peft_mmap:tiny-clip``, or a hub id ``org/name`` that the Hub answers for or
+    that is in the local cache (one bounded request, no retry: `peft_mmap.base_models.resolve_model`).
+    Nothing is loaded or downloaded here.
 
     Raises:
-        ValueError: naming ``text`` and what was expected.
+        ValueError: naming ``text`` and what was expected, or saying that the Hub could not be reached.
     """
+    if text == TINY_CLIP_NAME:
+        return text
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -115,7 +120,13 @@ def check_model(text: str) -> str:
             f"{text!r} is a file; expected a checkpoint folder or a hub id of the form org/name."
         )
     if not HUB_ID.fullmatch(text):
-        raise ValueError(f"{text!r} is not a local folder, and not a hub id of the form org/name.")
+        raise ValueError(
+            f"{text!r} is not a local folder, not {TINY_CLIP_NAME!r} and not a hub id of the form org/name."
+        )
+    try:
+        resolve_model(text)
+    except OSError as err:
+        raise ValueError(str(err)) from None
     return text
 
 
@@ -133,7 +144,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         "--model",
         type=model_id,
         required=required,
-        help="CLIP checkpoint: hub id (e.g. openai/clip-vit-base-patch16) or local folder with CLIPModel + CLIPProcessor.",
+        help="CLIP checkpoint: hub id (e.g. openai/clip-vit-base-patch16), local folder with CLIPModel + "
+        f"CLIPProcessor, or {TINY_CLIP_NAME} (the tiny CLIP shipped in the package).",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 
@@ -295,10 +307,8 @@ def load_processor(model: str) -> CLIPProcessor:
 
 
 def load_clip(model: str) -> CLIPModel:
-    from transformers import CLIPModel
-
     try:
-        return CLIPModel.from_pretrained(model)
+        return load_clip_model(model)
     except OSError as err:
         raise ValueError(f"--model {model}: {err}") from None
 
@@ -701,7 +711,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=model_id,
         default=None,
-        help="CLIP checkpoint (default: the tiny CLIP shipped in the package).",
+        help=f"CLIP checkpoint (default: {TINY_CLIP_NAME}, the tiny CLIP shipped in the package).",
     )
     parser.add_argument(
         "--data-dir",

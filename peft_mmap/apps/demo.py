@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..base_models import TINY_CLIP_NAME
 from ..config import MmAPConfig
 from ..data import scan_image_folder
 from ..evaluate import AVERAGE
@@ -23,7 +24,6 @@ from ..multitask import MultiTaskMmAP
 from ..train import TrainConfig
 from .bench import Benchmark, BenchmarkSpec
 from .synthetic import generate_benchmark
-from .tiny_clip import TINY_CLIP_PATH
 
 #: Every method of the library that the demo compares, in table order.
 DEMO_METHODS = (
@@ -124,7 +124,7 @@ def run_demo(
 ) -> dict:
     """Run the demo end to end; returns the ``results.json`` payload (see `peft_mmap.apps.bench.Benchmark.run`)."""
     started = time.monotonic()
-    model_id = str(model or TINY_CLIP_PATH)
+    model_id = str(model or TINY_CLIP_NAME)
     folders = scan_image_folder(demo_benchmark(data_dir, log))
     spec = demo_spec(quick, seeds, methods, device)
     bench = Benchmark(model_id, folders, spec, output_dir, progress=progress, log=log)

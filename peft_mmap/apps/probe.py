@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, CLIPProcessor
 
+from ..base_models import load_clip_model, load_pretrained
 from ..classifier import DEFAULT_TEMPLATE
 from ..data import ImageClassificationDataset, Sample, TaskFolder, few_shot_split
 
@@ -128,8 +129,8 @@ def measure_headroom(
     images).
     """
     torch.manual_seed(0)
-    clip = CLIPModel.from_pretrained(str(model_id)).eval()
-    processor = CLIPProcessor.from_pretrained(str(model_id))
+    clip = load_clip_model(model_id).eval()
+    processor = load_pretrained(CLIPProcessor, model_id)
     per_task: dict[str, dict[str, list[float]]] = {t: {"zero_shot": [], "probe": []} for t in folders}
     per_class: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in folders}
     for seed in seeds:

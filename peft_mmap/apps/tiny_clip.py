@@ -31,6 +31,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from peft_mmap.apps.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_DOMAINS, render_image
+from peft_mmap.base_models import TINY_CLIP_PATH, load_clip_model
 from peft_mmap.classifier import load_clip_processor
 from peft_mmap.files import atomic_write, atomic_write_json, atomic_write_text
 
@@ -45,8 +46,6 @@ __all__ = [
     "load_tiny_clip",
     "pretrain_tiny_clip",
 ]
-
-TINY_CLIP_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "tiny-clip"
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_TEXT_LEN = 32
@@ -102,8 +101,9 @@ _LOOSE_NAMES = {other: label for label, (_, other) in AMBIGUOUS_LABELS.items()}
 
 
 def load_tiny_clip(path: str | os.PathLike = TINY_CLIP_PATH) -> tuple[CLIPModel, CLIPProcessor]:
-    """Load the shipped tiny CLIP (or one saved by :func:`pretrain_tiny_clip`) in eval mode, offline."""
-    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    """Load the shipped tiny CLIP (or one saved by :func:`pretrain_tiny_clip`) in eval mode, offline; adapters on
+    the shipped one record it as ``peft_mmap:tiny-clip`` (`peft_mmap.base_models.TINY_CLIP_NAME`)."""
+    model = load_clip_model(path, local_files_only=True)
     processor = load_clip_processor(path, local_files_only=True)
     return model.eval(), processor
 
