@@ -813,11 +813,12 @@ def plot_accuracy_vs_params(methods: Mapping[str, Mapping], path: str | os.PathL
     for name, average in data.references:
         ax.axhline(average, color="grey", linestyle="--", linewidth=1)
         ax.annotate(
-            f"{name} (0 parameters) {average:.1f}", (0.01, average), xycoords=("axes fraction", "data"),
-            textcoords="offset points", xytext=(0, 3), fontsize=8, color="dimgrey",
+            f"{name} (0 parameters) {average:.1f}", (0.99, average), xycoords=("axes fraction", "data"),
+            textcoords="offset points", xytext=(0, -10), fontsize=8, color="dimgrey", ha="right",
         )  # fmt: skip
     if data.points:
         ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)  # room for the labels
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("average top-1 accuracy (%)")
     ax.set_title("Accuracy against trainable parameters")
