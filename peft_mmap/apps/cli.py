@@ -55,9 +55,9 @@ logger = logging.getLogger(__name__)
 
 GROUPS_JSON = "groups.json"
 DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
-#: Wall time of ``peft-mmap demo`` and ``peft-mmap demo --quick`` on 2 CPU cores, the benchmark images
-#: already generated (``time peft-mmap demo [--quick]``).
-DEMO_TIMES = {"full": "6-10 min", "quick": "20-50 s"}
+#: Wall time of ``peft-mmap demo`` and ``peft-mmap demo --quick`` on 2 idle CPU cores, the benchmark images
+#: already generated (``time peft-mmap demo [--quick]``); other jobs sharing the cores stretch it many times.
+DEMO_TIMES = {"full": "6-11 min", "quick": "25-50 s"}
 BEST = "best"
 """``--num-groups best``: the partition with the highest total within-group similarity, any number of groups."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -706,7 +706,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a shorter run: one seed, 2 epochs, 4 methods ({DEMO_TIMES['quick']} on 2 CPU cores).",
+        help=f"a shorter run: one seed, 2 epochs, 4 methods ({DEMO_TIMES['quick']} on 2 idle CPU cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -823,7 +823,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
         "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, tables, figures, verdict, "
-        f"task switching ({DEMO_TIMES['full']} on 2 CPU cores; --quick: {DEMO_TIMES['quick']}).",
+        f"task switching ({DEMO_TIMES['full']} on 2 idle CPU cores, --quick {DEMO_TIMES['quick']}; longer "
+        "when other jobs share the cores).",
         add_demo_arguments,
         run_demo,
     ),
