@@ -111,7 +111,7 @@ def main() -> None:
     root = demo_benchmark(object_names=args.object_names)
     bench = Benchmark(
         args.model, scan_image_folder(root), spec, cache_dir() / "learning-curve" / root.name, progress=False,
-        log=lambda line: None,
+        log=lambda line: None, overwrite=True,  # the folder only keeps the demo's splits, for every method
     )  # fmt: skip
     data = bench.seed_data(args.seed)
     if args.train_without_renamed:

@@ -7,13 +7,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from peft_mmap.apps import bench as bench_module
 from peft_mmap.apps.bench import Benchmark, BenchmarkSpec, ablation_markdown, plot_shot_sweep
 from peft_mmap.config import MmAPConfig
 from peft_mmap.data import scan_image_folder
 from peft_mmap.evaluate import AVERAGE
-from peft_mmap.train import TrainConfig
+from peft_mmap.train import TrainConfig, train
 
 QUICK = TrainConfig(epochs=1, batch_size=4, lr=0.01, max_steps=2)
 
@@ -44,6 +45,7 @@ def test_benchmark_writes_results_and_resumes(workspace, tmp_path, monkeypatch):
     assert recipe["options"] == {"n_ctx": 4, "ctx_init": "a photo of a"}
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert (tmp_path / "grouping" / "affinity.png").is_file()
+    assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "runs" / "mmap" / "seed1" / "adapters" / "mmap_manifest.json").is_file()
     assert not (tmp_path / "runs" / "mmap" / "seed1" / "checkpoint").exists()
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -142,3 +144,152 @@ def test_lr_search_picks_each_methods_factor_on_held_out_training_shots(workspac
     assert split == json.loads((tmp_path / "splits" / "seed1.json").read_text())
     with pytest.raises(ValueError, match=r"scales must be positive numbers, got \[0\]"):
         bench_module.run_lr_search(workspace / "model", folders, search, tmp_path, scales=[0])
+
+
+def _bench(workspace, folder, overwrite=False, **overrides) -> Benchmark:
+    folders = scan_image_folder(workspace / "data")
+    settings = spec(**{"seeds": [1], **overrides})
+    return Benchmark(workspace / "model", folders, settings, folder, False, lambda _: None, overwrite)
+
+
+def _record_training(monkeypatch) -> list[tuple[str, int, bool]]:
+    """Patch the benchmark's trainer to record ``(method, epochs, resume)`` of every run it trains."""
+    calls = []
+
+    def recording(model, datasets, config, output_dir, resume, **kwargs):
+        calls.append((output_dir.parent.name, config.epochs, resume))
+        return train(model, datasets, config, output_dir=output_dir, resume=resume, **kwargs)
+
+    monkeypatch.setattr(bench_module, "train", recording)
+    return calls
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, 2), (2, 1)])
+def test_a_folder_of_other_settings_is_refused_and_its_runs_are_never_reused(
+    workspace, tmp_path, monkeypatch, first, second
+):
+    """Quick-then-full and full-then-quick: the second benchmark neither reuses nor silently replaces."""
+    methods = ["zeroshot", "mmap"]
+    _bench(workspace, tmp_path, methods=methods, train=dataclasses.replace(QUICK, epochs=first)).run()
+    products = (
+        "results.json",
+        "results.md",
+        "settings.json",
+        "accuracy_vs_params.png",
+        "runs/mmap/seed1.json",
+    )
+    before = {name: (tmp_path / name).read_bytes() for name in products}
+    other = dataclasses.replace(QUICK, epochs=second)
+    with pytest.raises(FileExistsError) as refused:
+        _bench(workspace, tmp_path, methods=methods, train=other)
+    message = str(refused.value)
+    assert f"train.epochs: {first} in the folder, {second} in this run" in message
+    assert "affinity_train" not in message and "methods" not in message  # only what differs is named
+    assert "(--output)" in message and "(--overwrite;" in message
+    assert {name: (tmp_path / name).read_bytes() for name in products} == before  # nothing was changed
+
+    trained = _record_training(monkeypatch)
+    results = _bench(workspace, tmp_path, True, methods=methods, train=other).run()
+    assert trained == [("mmap", second, False)]  # its own run, from scratch; zero-shot has nothing to train
+    assert results["methods"]["mmap"]["recipe"]["train"]["epochs"] == second
+    assert json.loads((tmp_path / "settings.json").read_text())["train"]["epochs"] == second
+    groups = json.loads((tmp_path / "grouping" / "groups.json").read_text())
+    assert groups["settings"]["train"]["epochs"] == second  # grouped again, with this run's settings
+
+
+def test_overwrite_reuses_exactly_the_runs_whose_own_settings_are_unchanged(workspace, tmp_path, monkeypatch):
+    _bench(workspace, tmp_path, methods=["zeroshot", "coop_mt"]).run()
+    more = ["zeroshot", "coop_mt", "vpt_mt"]
+    with pytest.raises(
+        FileExistsError, match=r'methods: \["zeroshot", "coop_mt"\] in the folder, \["zeroshot"'
+    ):
+        _bench(workspace, tmp_path, methods=more)
+    trained = _record_training(monkeypatch)
+    _bench(workspace, tmp_path, True, methods=more).run()
+    assert trained == [("vpt_mt", 1, False)]
+    _bench(workspace, tmp_path, methods=more).run()  # the same settings again: every run is reused
+    assert trained == [("vpt_mt", 1, False)]
+    _bench(
+        workspace, tmp_path, True, methods=more, mmap=MmAPConfig(prompt_length=4, source_shape=(2, 8))
+    ).run()
+    assert trained == [("vpt_mt", 1, False)]  # the MmAP config is not a setting of these methods
+    _bench(workspace, tmp_path, True, methods=more, shots=3).run()  # other splits: every run again
+    assert [method for method, _, _ in trained[1:]] == ["coop_mt", "vpt_mt"]
+
+
+def test_a_cut_run_resumes_under_its_own_settings_only(workspace, tmp_path, monkeypatch):
+    def cut(model, datasets, config, **kwargs):
+        train(model, datasets, dataclasses.replace(config, max_steps=1), **kwargs)  # writes a checkpoint
+        raise RuntimeError("cut")
+
+    for epochs in (1, 2):
+        monkeypatch.setattr(bench_module, "train", cut)
+        settings = {"methods": ["coop_mt"], "train": dataclasses.replace(QUICK, epochs=epochs)}
+        with pytest.raises(RuntimeError, match="cut"):
+            _bench(workspace, tmp_path, True, **settings).run()
+        trained = _record_training(monkeypatch)
+        _bench(workspace, tmp_path, **settings).run()
+        assert trained == [("coop_mt", epochs, True)]  # the same settings: resumed
+    monkeypatch.setattr(bench_module, "train", cut)
+    with pytest.raises(RuntimeError, match="cut"):
+        _bench(workspace, tmp_path, True, methods=["coop_mt"]).run()
+    trained = _record_training(monkeypatch)
+    _bench(workspace, tmp_path, True, methods=["coop_mt"], shots=3).run()
+    assert trained == [("coop_mt", 1, False)]  # the cut run had other settings: not resumed
+
+
+def test_training_set_accuracy_before_and_after_training_is_recorded(workspace, tmp_path):
+    from peft_mmap.evaluate import evaluate
+    from peft_mmap.multitask import MultiTaskMmAP
+
+    bench = _bench(workspace, tmp_path, methods=["zeroshot", "mmap"], seeds=[1, 2])
+    results = bench.run()
+    assert "train_accuracy" not in results["methods"]["zeroshot"]  # nothing trained
+    runs = {s: json.loads(bench.run_file("mmap", s).read_text())["train_accuracy"] for s in (1, 2)}
+    mean = results["methods"]["mmap"]["train_accuracy"]
+    for when in ("before", "after"):
+        assert mean[when] == pytest.approx((runs[1][when] + runs[2][when]) / 2)
+    train_sets = bench.seed_data(1).train
+    torch.manual_seed(1)  # as the run built it: the untrained model
+    options = bench.spec.recipe("mmap", 1)[1]
+    untrained = bench.build("mmap", 1, bench.seed_data(1).splits, results["grouping"], options)
+    assert evaluate(untrained, train_sets)[AVERAGE] == pytest.approx(runs[1]["before"], abs=1e-6)
+    adapters = bench.run_file("mmap", 1).with_suffix("") / "adapters"
+    trained = MultiTaskMmAP.from_pretrained(str(workspace / "model"), adapters)
+    assert evaluate(trained, train_sets)[AVERAGE] == pytest.approx(runs[1]["after"], abs=1e-6)
+    table = (tmp_path / "results.md").read_text()
+    assert "Training-set accuracy, before → after training" in table
+    row = f"| `mmap` | {mean['before']:.1f} | {mean['after']:.1f} | {mean['after'] - mean['before']:+.1f} |"
+    assert row in table and "| `zeroshot` |" not in table.split("Training-set accuracy")[1]
+
+
+def test_accuracy_vs_params_figure_has_one_point_per_trained_method(workspace, tmp_path):
+    entry = {"average": 50.0, "std": {AVERAGE: 1.0}, "runs": [{}]}
+    methods = {"zeroshot": {**entry, "trainable_params": 0}, "coop_mt": {**entry, "trainable_params": 512},
+               "mmap": {**entry, "average": 48.0, "trainable_params": 1920}}  # fmt: skip
+    data = bench_module.accuracy_vs_params(methods)
+    assert data.points == [("coop_mt", 512, 50.0, 1.0), ("mmap", 1920, 48.0, 1.0)]
+    assert data.references == [("zeroshot", 50.0)]
+    path = bench_module.plot_accuracy_vs_params(methods, tmp_path / "figure.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_of_other_shot_counts_is_refused_before_any_run(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"shots": [1, 3], "methods": {}}))
+    with pytest.raises(FileExistsError, match=r"shots: \[1, 3\] in the folder, \[1\] in this run"):
+        bench_module.run_shot_sweep(tmp_path / "no-model", {}, spec(), tmp_path, shots=[1])
+
+
+def test_bench_command_refuses_other_settings_until_overwrite(workspace, tmp_path, capsys):
+    from peft_mmap.apps.cli import main
+
+    argv = ["bench", "--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2",
+            "--device", "cpu", "--methods", "zeroshot", "--seeds", "1", "--output", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "accuracy_vs_params.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--template", "a sketch of a {}."])
+    assert exit_info.value.code == 2
+    assert "template: " in capsys.readouterr().err
+    assert main([*argv, "--template", "a sketch of a {}.", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "settings.json").read_text())["template"] == "a sketch of a {}."

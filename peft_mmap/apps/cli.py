@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 GROUPS_JSON = "groups.json"
 DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
+#: Wall time of ``peft-mmap demo`` and ``peft-mmap demo --quick`` on 2 idle CPU cores, the benchmark images
+#: already generated (``time peft-mmap demo [--quick]``); other jobs sharing the cores stretch it many times.
+DEMO_TIMES = {"full": "6-11 min", "quick": "25-50 s"}
 BEST = "best"
 """``--num-groups best``: the partition with the highest total within-group similarity, any number of groups."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -618,7 +621,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="training shots per class held out for validation by --lr-search (default 2).",
     )
     bench.add_argument(
-        "--output", type=Path, required=True, help="results folder (finished runs there are not rerun)."
+        "--output",
+        type=Path,
+        required=True,
+        help="results folder; it records its settings: a rerun with the same settings reuses its finished "
+        "runs, one with other settings is refused (see --overwrite).",
+    )
+    add_overwrite_argument(bench)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of other settings in --output (finished runs whose own settings are "
+        "unchanged are reused; the others run again).",
     )
 
 
@@ -639,7 +656,7 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
 
 def run_bench(args: argparse.Namespace) -> None:
     from ..data import load_task_folders
-    from .bench import Benchmark, run_lr_search, run_shot_sweep
+    from .bench import ACCURACY_VS_PARAMS_PNG, Benchmark, run_lr_search, run_shot_sweep
 
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     spec = bench_spec(args, len(folders))
@@ -647,15 +664,18 @@ def run_bench(args: argparse.Namespace) -> None:
         if args.sweep_shots:
             raise ValueError("--lr-search and --sweep-shots cannot be combined: search at one shot count.")
         run_lr_search(
-            args.model, folders, spec, args.output, args.lr_search or LR_SCALES, args.validation_shots
-        )
+            args.model, folders, spec, args.output, args.lr_search or LR_SCALES, args.validation_shots,
+            overwrite=args.overwrite,
+        )  # fmt: skip
         print(f"wrote {args.output / 'lr_search.md'}, {args.output / 'results.json'} and results.md")
     elif args.sweep_shots:
-        run_shot_sweep(args.model, folders, spec, args.output, shots=args.sweep_shots)
+        run_shot_sweep(
+            args.model, folders, spec, args.output, shots=args.sweep_shots, overwrite=args.overwrite
+        )
         print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'} and shots<k>/results.*")
     else:
-        Benchmark(args.model, folders, spec, args.output).run()
-        print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}")
+        Benchmark(args.model, folders, spec, args.output, overwrite=args.overwrite).run()
+        print(f"wrote {args.output / 'results.json'}, results.md and {args.output / ACCURACY_VS_PARAMS_PNG}")
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
@@ -690,13 +710,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         type=Path,
-        default=Path("peft-mmap-demo"),
-        help="results folder (default ./peft-mmap-demo).",
+        help="results folder (default ./peft-mmap-demo, --quick: ./peft-mmap-demo-quick); a rerun with the "
+        "same settings reuses its finished runs, one with other settings is refused (see --overwrite).",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a shorter run: one seed, 2 epochs, 4 methods (47-49 s on 2 quiet cores).",
+        help=f"a shorter run: one seed, 2 epochs, 4 methods ({DEMO_TIMES['quick']} on 2 idle CPU cores).",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=non_negative_int, help="seeds (default 1 2 3; --quick: 1)."
@@ -719,6 +739,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the synthetic benchmark is generated (default: ~/.cache/peft_mmap).",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    add_overwrite_argument(parser)
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -726,7 +747,10 @@ def run_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo as demo
 
     demo_spec(args.quick, args.seeds, args.methods, args.device)  # refuses bad methods before any work
-    demo(args.output, args.quick, args.seeds, args.methods, args.model, args.data_dir, args.device)
+    demo(
+        args.output, args.quick, args.seeds, args.methods, args.model, args.data_dir, args.device,
+        overwrite=args.overwrite,
+    )  # fmt: skip
 
 
 def _batch_list(text: str) -> list[int]:
@@ -808,8 +832,9 @@ class Subcommand:
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "demo",
-        "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, table, verdict, task "
-        "switching (measured on 2 quiet CPU cores: 5.3-6.2 min, up to 10.7 min on slower ones; --quick: 26-49 s).",
+        "the whole method offline: synthetic benchmark, grouping, MmAP and baselines, tables, figures, verdict, "
+        f"task switching ({DEMO_TIMES['full']} on 2 idle CPU cores, --quick {DEMO_TIMES['quick']}; longer "
+        "when other jobs share the cores).",
         add_demo_arguments,
         run_demo,
     ),
