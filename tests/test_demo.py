@@ -121,16 +121,18 @@ def test_quick_then_full_demo_in_one_folder_never_mix_and_the_eval_command_repro
         "--data-dir",
         str(demo_data),
     ]
-    with pytest.raises(SystemExit) as refused:
-        main(full)
-    assert refused.value.code == 2
-    message = capsys.readouterr().err
-    assert "train.epochs: 2 in the folder, 5 in this run" in message and "--overwrite" in message
+    assert main(full) == 0  # another demo in the same folder: its own subfolder, its own 5-epoch runs
+    printed = capsys.readouterr().out
+    assert "[mmap seed 1] training" in printed and "reusing" not in printed
+    own = Path(printed_value(printed, "results: ").split(",")[0]).parent
+    assert own.parent == out and own.name.startswith("settings-")
+    assert f"{out} holds a demo of other settings" in printed
+    results = json.loads((own / "results.json").read_text())
+    assert results["methods"]["mmap"]["recipe"]["train"]["epochs"] == 5
+    assert json.loads((own / "runs" / "mmap" / "seed1.json").read_text())["recipe"]["train"]["epochs"] == 5
     assert {name: (out / name).read_bytes() for name in kept} == kept  # the quick demo's results stay
 
-    assert main([*full, "--overwrite"]) == 0
+    assert main(full) == 0  # the same demo again: the same subfolder, every run reused
     printed = capsys.readouterr().out
-    assert "[mmap seed 1] training" in printed and "reusing" not in printed  # its own 5-epoch runs
-    results = json.loads((out / "results.json").read_text())
-    assert results["methods"]["mmap"]["recipe"]["train"]["epochs"] == 5
-    assert json.loads((out / "runs" / "mmap" / "seed1.json").read_text())["recipe"]["train"]["epochs"] == 5
+    assert "[mmap seed 1] training" not in printed and "finished before with the same settings" in printed
+    assert printed_value(printed, "results: ").startswith(str(own / "results.json"))

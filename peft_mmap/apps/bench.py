@@ -203,6 +203,37 @@ def data_settings(folders: Mapping[str, TaskFolder]) -> dict:
     }
 
 
+def benchmark_settings(
+    model_id: str | os.PathLike, folders: Mapping[str, TaskFolder], spec: BenchmarkSpec
+) -> dict:
+    """What a benchmark's results depend on: the model (by its portable name), the data and
+    `BenchmarkSpec.settings`; recorded in its folder's `SETTINGS_JSON`."""
+    local = Path(model_id).expanduser()
+    model = portable_model_name(str(local.resolve()) if local.is_dir() else str(model_id))
+    return plain_json({"model": model, "data": data_settings(folders), **spec.settings()})
+
+
+def recorded_settings(output_dir: str | os.PathLike) -> dict | None:
+    """The settings recorded in a benchmark folder (None when it records none)."""
+    path = Path(output_dir) / SETTINGS_JSON
+    return read_json(path, "benchmark settings") if path.is_file() else None
+
+
+def holds_other_settings(output_dir: str | os.PathLike, settings: Mapping) -> bool:
+    """Whether ``output_dir`` holds benchmark results made with settings other than ``settings`` (results
+    with no recorded settings count as other)."""
+    recorded = recorded_settings(output_dir)
+    if recorded is None:
+        return any((Path(output_dir) / name).exists() for name in OUTPUT_ENTRIES)
+    return recorded != settings
+
+
+def settings_folder_name(settings: Mapping) -> str:
+    """A folder name that stands for ``settings``: ``settings-`` and 10 hex digits of their SHA-256."""
+    text = json.dumps(settings, sort_keys=True)
+    return f"settings-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
 def settings_differences(recorded: Mapping, now: Mapping, prefix: str = "") -> list[str]:
     """One line per setting that differs (nested keys joined by dots), ``recorded`` first."""
     missing = "(not set)"
@@ -277,18 +308,13 @@ class Benchmark:
     # ---- the output folder's settings ------------------------------------------------------------------
     def settings(self) -> dict:
         """What this benchmark's results depend on: the model, the data and `BenchmarkSpec.settings`."""
-        local = Path(self.model_id).expanduser()
-        model = portable_model_name(str(local.resolve()) if local.is_dir() else self.model_id)
-        return plain_json({"model": model, "data": data_settings(self.folders), **self.spec.settings()})
+        return benchmark_settings(self.model_id, self.folders, self.spec)
 
     def _check_output(self, overwrite: bool) -> dict | None:
         """The settings recorded in ``output_dir``; refuses a folder of other settings unless ``overwrite``."""
-        path = self.output_dir / SETTINGS_JSON
-        recorded = read_json(path, "benchmark settings") if path.is_file() else None
-        if recorded == self.settings():
+        recorded = recorded_settings(self.output_dir)
+        if not holds_other_settings(self.output_dir, self.settings()):
             return recorded
-        if recorded is None and not any((self.output_dir / name).exists() for name in OUTPUT_ENTRIES):
-            return None  # a new folder
         if recorded is None:
             what = "results whose settings are unknown (no settings.json: written by an earlier version)"
         else:

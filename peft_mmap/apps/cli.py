@@ -711,7 +711,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         type=Path,
         help="results folder (default ./peft-mmap-demo, --quick: ./peft-mmap-demo-quick); a rerun with the "
-        "same settings reuses its finished runs, one with other settings is refused (see --overwrite).",
+        "same settings reuses its finished runs; a demo of other settings goes to a subfolder named after "
+        "its settings, leaving the folder's results as they are (or replaces them: --overwrite).",
     )
     parser.add_argument(
         "--quick",

@@ -8,7 +8,8 @@ the saved adapters → a verdict with its context and a ready ``peft-mmap eval``
 
 The full demo writes to ``peft-mmap-demo/``, the quick one to ``peft-mmap-demo-quick/``. A folder holds the
 results of one set of settings (`peft_mmap.apps.bench.Benchmark`): a rerun with the same settings reuses
-the finished runs, one with other settings is refused unless ``overwrite``. How long each takes:
+the finished runs; a demo of other settings runs in a subfolder named after its settings (or, with
+``overwrite``, replaces the folder's results). How long each takes:
 `peft_mmap.apps.cli.DEMO_TIMES` (``peft-mmap demo --help``).
 """
 
@@ -30,7 +31,16 @@ from ..evaluate import AVERAGE
 from ..files import atomic_write_json
 from ..multitask import MultiTaskMmAP
 from ..train import TrainConfig
-from .bench import ACCURACY_VS_PARAMS_PNG, RESULTS_JSON, RESULTS_MD, Benchmark, BenchmarkSpec
+from .bench import (
+    ACCURACY_VS_PARAMS_PNG,
+    RESULTS_JSON,
+    RESULTS_MD,
+    Benchmark,
+    BenchmarkSpec,
+    benchmark_settings,
+    holds_other_settings,
+    settings_folder_name,
+)
 from .synthetic import generate_benchmark
 
 #: Every method of the library that the demo compares, in table order.
@@ -136,8 +146,10 @@ def run_demo(
 ) -> dict:
     """Run the demo end to end; returns the ``results.json`` payload (see `peft_mmap.apps.bench.Benchmark.run`).
 
-    ``output_dir`` defaults to `QUICK_OUTPUT` or `DEMO_OUTPUT`; a folder holding results of other settings
-    is refused (``FileExistsError``) unless ``overwrite``.
+    ``output_dir`` defaults to `QUICK_OUTPUT` or `DEMO_OUTPUT`. Runs of other settings never mix: when
+    ``output_dir`` holds a demo of other settings, this demo runs in its own subfolder named after its
+    settings (`peft_mmap.apps.bench.settings_folder_name`) and leaves the other one as it is; ``overwrite``
+    replaces the other demo in ``output_dir`` instead.
     """
     started = time.monotonic()
     output_dir = Path(output_dir or (QUICK_OUTPUT if quick else DEMO_OUTPUT))
@@ -145,6 +157,12 @@ def run_demo(
     tiny_clip = portable_model_name(model_id) == TINY_CLIP_NAME
     folders = scan_image_folder(demo_benchmark(data_dir, log))
     spec = demo_spec(quick, seeds, methods, device)
+    settings = benchmark_settings(model_id, folders, spec)
+    if not overwrite and holds_other_settings(output_dir, settings):
+        own = output_dir / settings_folder_name(settings)
+        log(f"{output_dir} holds a demo of other settings, left as it is (--overwrite replaces it); "
+            f"this demo goes to {own}")  # fmt: skip
+        output_dir = own
     bench = Benchmark(model_id, folders, spec, output_dir, progress=progress, log=log, overwrite=overwrite)
     results = bench.run()
     seed = spec.seeds[0]
