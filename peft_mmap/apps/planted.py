@@ -67,6 +67,9 @@ def run_planted_teacher(
     under ``bench.spec`` (`peft_mmap.apps.bench.BenchmarkSpec.recipe`). Grouped methods use
     ``bench.grouping()``. Agreements are accuracies (percent) against the teacher's labels.
 
+    Raises:
+        ValueError: the teacher or a student has no trainable parameters (e.g. ``"zeroshot"``).
+
     Returns:
         ``{"teacher": {"method", "seed", "split_seed"}, "zero_shot": {task: agreement, "average": ...},
         "students": [{"method", "seed", "before", "after", "train_after", "loss": [first, last], "steps"}]}``
@@ -79,19 +82,22 @@ def run_planted_teacher(
     groups = bench.grouping()
     batch = bench.spec.eval_batch_size
 
-    def build(method: str, seed: int) -> CLIPTaskClassifier:
+    def build(method: str, seed: int, role: str | None = None) -> CLIPTaskClassifier:
         torch.manual_seed(seed)
         options = bench.spec.recipe(method, seed)[1]
-        return bench.build(method, seed, data.splits, groups, options).to(bench.device)
+        model = bench.build(method, seed, data.splits, groups, options).to(bench.device)
+        if role and not model.trainable_parameter_count():
+            raise ValueError(f"The {role} {method!r} has no trainable parameters; expected a trained method.")
+        return model
 
-    planted = build(teacher, split_seed)
+    planted = build(teacher, split_seed, "teacher")
     plant_normal(planted, teacher_seed)
     train_labels, test_labels = relabel(planted, data.train, batch), relabel(planted, data.test, batch)
     zero_shot = evaluate(build("zeroshot", split_seed), test_labels, batch_size=batch)
     log(f"planted {teacher} (seed {teacher_seed}): zero-shot agreement {zero_shot[AVERAGE]:.1f} %")
     runs = []
     for method, seed in students:
-        student = build(method, seed)
+        student = build(method, seed, "student")
         before = evaluate(student, test_labels, batch_size=batch)
         config = bench.spec.recipe(method, seed)[0]
         result = train(student, train_labels, config, device=bench.device, progress=bench.progress)
