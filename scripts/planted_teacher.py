@@ -1,8 +1,8 @@
 """Planted-teacher table: fresh students trained on the labels of a teacher with N(0, 1) factors.
 
 Usage: ``python scripts/planted_teacher.py [--model DIR] [--teacher mmap] [--teacher-seed 1234]
-[--methods mmap full_ft_mt coop_mt] [--seeds 1 2] [--epochs 5] [--domains D ...] [--classes N]
-[--groups 'a,b;c'] [--json FILE]``
+[--methods mmap full_ft_mt coop_mt] [--seeds 1 2] [--epochs 5] [--lr-scale F] [--domains D ...]
+[--classes N] [--groups 'a,b;c'] [--json FILE]``
 
 Defaults: the shipped tiny CLIP, the demo's benchmark, split (seed 1), recipes (SGD lr 0.0035, batch 16,
 5 epochs, no augmentation) and grouping (found once by the demo's affinity run, cached), a default
@@ -42,11 +42,13 @@ def main() -> None:
                         help="students (registry names)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="student seeds")
     parser.add_argument("--epochs", type=int, default=None, help="override the demo's 5 epochs")
+    parser.add_argument("--lr-scale", type=float, default=None,
+                        help="multiply every student's recipe learning rate by this factor")  # fmt: skip
     parser.add_argument("--domains", nargs="+", choices=SYNTHETIC_DOMAINS, help="tasks (default: all four)")
     parser.add_argument("--classes", type=int, choices=range(2, len(SYNTHETIC_CLASSES) + 1), metavar="N",
                         help="the first N classes of the benchmark (default: all)")  # fmt: skip
     parser.add_argument("--groups", type=inline_groups, default=None,
-                        help="task groups like 'clipart,photo;painting,sketch' (default: the demo's grouping)")  # fmt: skip
+                        help="groups like 'clipart,photo;painting,sketch' (default: the demo's)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -62,6 +64,8 @@ def main() -> None:
         root = demo_benchmark()
     methods = list(dict.fromkeys(["zeroshot", args.teacher, *args.methods]))
     spec = dataclasses.replace(demo_spec(methods=methods, seeds=[1]), mmap=MmAPConfig(), groups=args.groups)
+    if args.lr_scale is not None:
+        spec.lr_scales = dict.fromkeys(args.methods, args.lr_scale)
     if args.epochs is not None:
         spec.train = dataclasses.replace(spec.train, epochs=args.epochs)
     output = cache_dir() / "planted-teacher" / f"{Path(args.model).name}-{root.name}"

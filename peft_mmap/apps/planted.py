@@ -104,10 +104,12 @@ def run_planted_teacher(
         after = evaluate(student, test_labels, batch_size=batch)
         train_after = evaluate(student, train_labels, batch_size=batch)[AVERAGE]
         losses = [sum(step.values()) for step in result.history]
-        runs.append({"method": method, "seed": seed, "before": before, "after": after,
-                     "train_after": train_after, "loss": [losses[0], losses[-1]], "steps": result.global_step})  # fmt: skip
-        log(f"{method} seed {seed}: test agreement {before[AVERAGE]:.1f} -> {after[AVERAGE]:.1f} % "
-            f"(train {train_after:.1f} %), summed loss {losses[0]:.3f} -> {losses[-1]:.3f}")  # fmt: skip
+        run = {"method": method, "seed": seed, "before": before, "after": after, "train_after": train_after}
+        runs.append({**run, "loss": [losses[0], losses[-1]], "steps": result.global_step})
+        log(
+            f"{method} seed {seed}: test agreement {before[AVERAGE]:.1f} -> {after[AVERAGE]:.1f} % "
+            f"(train {train_after:.1f} %), summed loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        )
     return {
         "teacher": {"method": teacher, "seed": teacher_seed, "split_seed": split_seed},
         "zero_shot": zero_shot,
@@ -128,8 +130,9 @@ def planted_teacher_markdown(result: Mapping) -> str:
     ]
     for run in result["students"]:
         first, last = run["loss"]
+        before, after = run["before"][AVERAGE], run["after"][AVERAGE]
         lines.append(
-            f"| `{run['method']}` | {run['seed']} | {run['before'][AVERAGE]:.1f} | {run['after'][AVERAGE]:.1f} "
-            f"| {run['train_after']:.1f} | {first:.3f} → {last:.3f} |"
+            f"| `{run['method']}` | {run['seed']} | {before:.1f} | {after:.1f} | {run['train_after']:.1f} "
+            f"| {first:.3f} → {last:.3f} |"
         )
     return "\n".join(lines) + "\n"
