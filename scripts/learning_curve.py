@@ -3,7 +3,7 @@
 Usage: ``python scripts/learning_curve.py [--model DIR] [--method mmap] [--epochs 5] [--augment | --no-augment]
 [--lr LR] [--optimizer sgd|adamw] [--weight-decay WD] [--seed 1] [--prompt-length B] [--source-shape M N]
 [--depth K] [--scale-init vision_zeros|ones|zeros|normal] [--vision-scale FACTOR] [--towers both|text|vision]
-[--groups G] [--object-names] [--train-without-renamed]``
+[--groups G] [--object-names] [--train-without-renamed] [--gradients] [--logit-scale S]``
 
 It trains exactly as ``peft-mmap demo`` does (the method's recipe, the demo's 6-shot split of ``--seed``,
 the demo's groups for the grouped methods) unless an option overrides a setting, and after every epoch
@@ -15,12 +15,16 @@ the other twenty. ``--towers text`` (or ``vision``) prompts one CLIP tower only 
 ``--train-without-renamed`` drops the training images of the `BENCHMARK_LABELS` classes (the test set and the
 classes stay); ``--object-names`` labels every class by its object name instead (same images, no renamed
 labels).
+``--gradients`` prints, after the first optimizer step, every trainable tensor's norm before the step and
+its gradient's norm; ``--logit-scale S`` sets CLIP's logit scale to ``log(S)`` before training (CLIP's
+own ``exp(logit_scale)`` is 100; the shipped tiny CLIP's is 15.9).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 
 import torch
@@ -73,6 +77,15 @@ def renamed_label_accuracy(model, data) -> str:
     return f"test accuracy: renamed labels {share[True]}, other labels {share[False]}"
 
 
+def print_gradients(norms: dict[str, float], grads: dict[str, float], loss: float, lr: float) -> None:
+    """Each trainable tensor's norm before the first step and its gradient's norm at that step, and totals."""
+    total_p, total_g = math.hypot(*norms.values()), math.hypot(*grads.values())
+    print(f"first step: summed loss {loss:.3f}, lr {lr:.4g}; {len(norms)} tensors, total |param| "
+          f"{total_p:.4g}, total |grad| {total_g:.4g}, step lr x |grad| {lr * total_g:.3g}")  # fmt: skip
+    for name, norm in norms.items():
+        print(f"  {name:<80} |param| {norm:9.4g}  |grad| {grads.get(name, 0.0):9.4g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -97,6 +110,10 @@ def main() -> None:
                         help="task groups like 'clipart,photo;painting,sketch' (default: the demo's)")  # fmt: skip
     parser.add_argument("--object-names", action="store_true",
                         help="the demo's benchmark with every class labelled by its object name")  # fmt: skip
+    parser.add_argument("--gradients", action="store_true",
+                        help="print each trainable tensor's and its gradient's norm at step 1")  # fmt: skip
+    parser.add_argument("--logit-scale", type=float,
+                        help="set exp(logit_scale) to this before training (CLIP's is 100)")  # fmt: skip
     parser.add_argument("--train-without-renamed", action="store_true",
                         help="train without the images of the BENCHMARK_LABELS classes")  # fmt: skip
     args = parser.parse_args()
@@ -131,6 +148,19 @@ def main() -> None:
             for name, param in model.named_parameters():
                 if "vision_model" in name and "mmap_scale" in name:
                     param.mul_(args.vision_scale)
+    if args.logit_scale is not None:
+        with torch.no_grad():
+            model.clip_model.logit_scale.fill_(math.log(args.logit_scale))
+    first_grads: dict[str, float] = {}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    norms = {name: p.detach().norm().item() for name, p in trainable.items()}
+    if args.gradients:
+
+        def record(param: torch.nn.Parameter, name: str) -> None:
+            first_grads.setdefault(name, param.grad.norm().item())
+
+        for name, param in trainable.items():
+            param.register_post_accumulate_grad_hook(lambda p, name=name: record(p, name))
     spe = steps_per_epoch({t: len(d) for t, d in data.train.items()}, config.batch_size)
     print(f"{args.method}: {config}")
     print(f"{'epoch':>5} {'loss':>6} {'train':>6} {'test':>6}  test per task")
@@ -146,6 +176,8 @@ def main() -> None:
 
     def on_step(event: StepEvent) -> None:
         losses.append(sum(event.losses.values()) / len(event.losses))
+        if args.gradients and event.global_step == 1:
+            print_gradients(norms, first_grads, sum(event.losses.values()), event.lr)
         if event.global_step % spe == 0:
             report(event.global_step // spe)
 
