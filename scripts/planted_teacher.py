@@ -69,7 +69,8 @@ def main() -> None:
     if args.epochs is not None:
         spec.train = dataclasses.replace(spec.train, epochs=args.epochs)
     output = cache_dir() / "planted-teacher" / f"{Path(args.model).name}-{root.name}"
-    bench = Benchmark(args.model, scan_image_folder(root), spec, output, progress=False)
+    # the folder only keeps the splits; its settings follow the methods asked for
+    bench = Benchmark(args.model, scan_image_folder(root), spec, output, progress=False, overwrite=True)
     students = [(method, seed) for method in args.methods for seed in args.seeds]
     result = run_planted_teacher(bench, students, teacher=args.teacher, teacher_seed=args.teacher_seed)
     print(planted_teacher_markdown(result))
