@@ -13,6 +13,7 @@
 #          BATCH          training batch (default 16); INFER_BATCHES (default 1,16,256)
 #          ROUNDS/WARMUP  timed / untimed round-robin rounds (default 30 / 5)
 #          ARCH (vit-b16), DEVICE (cuda), PRECISION (bf16), METHODS (all six), LIMIT_S (480)
+#          PYTHON         the interpreter with torch and peft_mmap (default python3; e.g. venv/bin/python)
 # CPU smoke test of the same code path (tests/test_perf.py runs it):
 #          DEVICE=cpu ARCH=tiny PRECISION=fp32 BATCH=2 INFER_BATCHES=1,2 ROUNDS=1 WARMUP=0 benchmarks/gpu.sh /tmp/x
 set -euo pipefail
@@ -28,14 +29,15 @@ DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 METHODS=${METHODS:-mmap,vpt_deep,coop,maple,full_ft,mmap_all_rows}
 LIMIT_S=${LIMIT_S:-480}
+PYTHON=${PYTHON:-python3}
 
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 if [ "$DEVICE" = cuda ]; then
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+    "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >"$OUT/gpu.txt" || true
 fi
-PYTHONUNBUFFERED=1 timeout "$LIMIT_S" python -m peft_mmap.apps.cli perf --arch "$ARCH" --device "$DEVICE" \
+PYTHONUNBUFFERED=1 timeout "$LIMIT_S" "$PYTHON" -m peft_mmap.apps.cli perf --arch "$ARCH" --device "$DEVICE" \
     --precision "$PRECISION" --batch "$BATCH" --infer-batches "$INFER_BATCHES" --rounds "$ROUNDS" \
     --warmup "$WARMUP" --methods "$METHODS" --peak-tflops "$PEAK_TFLOPS" --profile --output "$OUT"
 echo "results: $OUT/perf.json"

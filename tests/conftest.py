@@ -73,6 +73,28 @@ def mmap_with_random_prompts(clip: CLIPModel, names: tuple[str, ...] = ("group0"
     return model
 
 
+def projection_loss(tensor: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A scalar that depends on every entry of ``tensor`` (any shape): ``(tensor * w).sum()`` with ``w`` fixed
+    N(0, 1) weights drawn from ``seed``. Gradient tests use it, not ``tensor.sum()``: the sum of a LayerNorm's
+    outputs (``pooler_output``, ``last_hidden_state``) is the sum of its bias whatever the input, so its true
+    gradient is zero and only rounding noise reaches the parameters."""
+    weights = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed))
+    return (tensor * weights.to(tensor)).sum()
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, tol: float | None = None) -> None:
+    """``got`` equals ``want`` up to rounding (another summation order, kernel or CPU instruction set: AVX-512,
+    AVX2 or none): entries may differ by ``tol`` relatively, or by ``tol`` times ``want``'s largest finite
+    magnitude. The scale is the whole tensor's because a gradient summed from large terms that cancel keeps
+    their rounding: float32 gradients of the tiny CLIP move by up to 2e-5 of their tensor's largest entry
+    between CPU kernels. ``tol`` defaults to 1000 float eps of ``want``'s dtype (1.2e-4 in float32); a wrong
+    factor, mask or prompt moves results by far more."""
+    tol = 1000 * torch.finfo(want.dtype).eps if tol is None else tol
+    finite = want[want.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
 @pytest.fixture
 def clip() -> CLIPModel:
     return make_clip()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_clip
+from conftest import assert_close_to_scale, make_clip
 
 from peft_mmap import MmAPConfig
 from peft_mmap.apps.cli import add_perf_arguments
@@ -130,7 +130,7 @@ def test_serving_with_task_switching_follows_training_like_a_fresh_model(tokeniz
     fresh.load_state_dict(model.state_dict())
     after, expected = serve(model), serve(fresh)
     for got, want, old in zip(after, expected, before, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(got, want)
         assert not torch.allclose(got, old, atol=1e-3)
 
 
@@ -146,13 +146,13 @@ def test_mixed_batch_with_repeated_tasks_equals_per_task_batches_and_gradients(t
     total = 0
     for i, task in enumerate(tasks):
         single = model(pixels[i : i + 1], task)
-        torch.testing.assert_close(mixed[i, : single.shape[1]], single[0], atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(mixed[i, : single.shape[1]], single[0])
         total = total + single.sum()
     total.backward()
     single_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert mixed_grads.keys() == single_grads.keys()
     for name, grad in single_grads.items():
-        torch.testing.assert_close(mixed_grads[name], grad, atol=1e-4, rtol=1e-4)
+        assert_close_to_scale(mixed_grads[name], grad)
 
 
 def test_routes_must_match_the_batch(tokenizer):
@@ -174,7 +174,7 @@ def test_mmap_text_features_do_not_depend_on_padding(tokenizer, attn_implementat
         with model.for_task(name), torch.no_grad():
             short = model.clip_model.get_text_features(**longest).pooler_output
             long = model.clip_model.get_text_features(**padded).pooler_output
-        torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(short, long)
 
 
 def test_word_tokenizer_gives_one_token_per_word_and_clip_special_ids():
@@ -364,6 +364,7 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
 def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
     env = dict(os.environ, DEVICE="cpu", ARCH="tiny", PRECISION="fp32", BATCH="2", INFER_BATCHES="1,2")
     env |= {"ROUNDS": "1", "WARMUP": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+    env["PYTHON"] = sys.executable  # the suite's interpreter, whatever python3 is on PATH
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
         env=env,

@@ -7,6 +7,7 @@ bad input produces (exception type and message).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import multiprocessing
 import os
@@ -402,8 +403,26 @@ def _slow_down_renames() -> None:
     os.replace = lambda src, dst: (time.sleep(random.uniform(0, 0.01)), rename(src, dst))[1]
 
 
-def _save_versions_forever(model: MultiTaskMmAP, folder: Path, version: int) -> None:
-    _slow_down_renames()
+def _die_at_rename(count: int) -> None:
+    """SIGKILL this (child) process just before its ``count``-th rename: a crash at a point chosen without
+    depending on timing (every rename of a save happens while its staging folder exists)."""
+    renames, rename = itertools.count(1), os.replace
+
+    def replace(src, dst):
+        if next(renames) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rename(src, dst)
+
+    os.replace = replace
+
+
+def _save_versions_forever(
+    model: MultiTaskMmAP, folder: Path, version: int, die_at_rename: int | None
+) -> None:
+    if die_at_rename is None:
+        _slow_down_renames()
+    else:
+        _die_at_rename(die_at_rename)
     torch.set_num_threads(1)
     while True:
         fill(model, float(version))
@@ -416,21 +435,27 @@ def test_save_pretrained_killed_at_random_points_keeps_one_consistent_version(to
     model = build(tokenizer)
     fill(model, 0.0)
     target = model.save_pretrained(tmp_path / "adapters")
-    seen, interrupted = 0.0, 0
+    seen = 0.0
     rng = random.Random(0)
     for round_ in range(1, 9):  # round r saves versions 1000 r, 1000 r + 1, ...
-        child = FORK.Process(target=_save_versions_forever, args=(model, target, 1000 * round_), daemon=True)
+        # Odd rounds: killed from outside at a random time. Even rounds: dies at a random rename, so that
+        # some kills surely land mid-save whatever the machine's speed.
+        die_at_rename = rng.randint(1, 40) if round_ % 2 == 0 else None
+        args = (model, target, 1000 * round_, die_at_rename)
+        child = FORK.Process(target=_save_versions_forever, args=args, daemon=True)
         child.start()
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(child.pid, signal.SIGKILL)
+        if die_at_rename is None:
+            time.sleep(rng.uniform(0.05, 0.6))
+            os.kill(child.pid, signal.SIGKILL)
         child.join()
-        interrupted += any(p.name.startswith(".") for p in target.iterdir())
+        if die_at_rename is not None:
+            assert child.exitcode == -signal.SIGKILL
+            assert any(p.name.startswith(".") for p in target.iterdir()), "the kill did not land mid-save"
         loaded = MultiTaskMmAP.from_pretrained(make_clip(), target, tokenizer=tokenizer)
         values = torch.cat([p.flatten() for p in adapter_params(loaded).values()]).unique()
         assert len(values) == 1, f"a mix of versions loaded: {values.tolist()}"
         assert values.item() >= seen  # never goes back to an older version
         seen = values.item()
-    assert interrupted, "no kill landed mid-save; the test did not exercise the crash window"
     model.save_pretrained(target)  # a later save cleans up after the crashes
     assert not [p for p in target.iterdir() if p.name.startswith(".")]
 
