@@ -58,7 +58,7 @@ GROUPS_JSON = "groups.json"
 DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
 #: Wall time of ``peft-mmap demo`` and ``peft-mmap demo --quick`` on 2 idle CPU cores, the benchmark images
 #: already generated (``time peft-mmap demo [--quick]``); other jobs sharing the cores stretch it many times.
-DEMO_TIMES = {"full": "6-8 min", "quick": "20-30 s"}
+DEMO_TIMES = {"full": "5-6 min", "quick": "20-30 s"}
 BEST = "best"
 """``--num-groups best``: the partition with the highest total within-group similarity, any number of groups."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
