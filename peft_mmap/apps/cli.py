@@ -770,18 +770,26 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_NUM_GROUPS,
         help=f"number of task groups (default {DEFAULT_NUM_GROUPS}).",
     )
-    parser.add_argument("--json", type=Path, help="also write {arch, methods} to this JSON file.")
+    parser.add_argument(
+        "--sizes",
+        choices=["default", *sorted(PRESETS)],
+        default="default",
+        help="the methods' sizes: their defaults, or a preset's (paper: sized to the paper's Table 1 budgets, "
+        "as 'bench --preset paper' trains them).",
+    )
+    parser.add_argument("--json", type=Path, help="also write {arch, sizes, methods} to this JSON file.")
 
 
 def run_params(args: argparse.Namespace) -> None:
-    from .params import count_method_parameters, markdown_table
+    from .params import NOTES, PAPER_SIZE_NOTES, count_method_parameters, markdown_table
 
     if args.groups > args.tasks:
         raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
-    counts = count_method_parameters(args.arch, args.tasks, args.groups)
-    print(markdown_table(args.arch, counts))
+    sizes = None if args.sizes == "default" else args.sizes
+    counts = count_method_parameters(args.arch, args.tasks, args.groups, sizes=sizes)
+    print(markdown_table(args.arch, counts, NOTES if sizes is None else PAPER_SIZE_NOTES))
     if args.json is not None:
-        atomic_write_json(args.json, {"arch": args.arch, "methods": counts})
+        atomic_write_json(args.json, {"arch": args.arch, "sizes": args.sizes, "methods": counts})
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
