@@ -183,7 +183,7 @@ _SPLITS = (
 )
 _TABLE1 = "Table 1's parameter column"
 _MMAP_SIZE = (
-    "our choice: the paper gives no b, m, n; with every layer prompted, b=22 and the default source shape "
+    "the paper gives no b, m, n; with every layer prompted, b=22 and the default source shape "
     "2 x 8 give 6 adapters x 12 x (16 + 11 x 160) = 127,872 = 0.13M for 4 tasks in 2 groups "
     "(docs/reproduction.md lists the other candidates)"
 )

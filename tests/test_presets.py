@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from peft_mmap.apps.bench import BenchmarkSpec, preset_spec
 from peft_mmap.baselines import METHODS
 from peft_mmap.config import MmAPConfig
-from peft_mmap.presets import CHOICE, PAPER, Setting, flat_values, get_preset
+from peft_mmap.presets import CHOICE, INFERRED, PAPER, PRESETS, STATED, Setting, flat_values, get_preset
 from peft_mmap.train_config import TrainConfig
+
+REPRODUCTION_MD = Path(__file__).resolve().parents[1] / "docs" / "reproduction.md"
 
 #: The settings the paper's "consistent hyperparameter settings" cover: the optimiser, its schedule, the
 #: batch, the epochs and the augmentation.
@@ -104,6 +107,23 @@ def test_the_paper_splits_as_options():
         == "preset 'paper' on domainnet: --fraction 0.01 or 0.02, or --shots 3 or 6"
     )
     assert PAPER.split_hint("generic") == ""
+
+
+def test_every_setting_has_a_basis_and_a_source_and_the_docs_list_it():
+    text = REPRODUCTION_MD.read_text()
+    for preset in PRESETS.values():
+        for name, setting in preset.settings().items():
+            assert setting.basis in (STATED, INFERRED, CHOICE) and setting.source, name
+            assert f"`{name}`" in text, f"docs/reproduction.md does not list {name}"
+    stated = {name for name, s in PAPER.settings().items() if s.basis == STATED}
+    assert {"train.optimizer", "train.lr", "train.epochs", "batch_size.officehome", "batch_size.domainnet",
+            "bench.seeds", "mmap.init_std"} <= stated  # fmt: skip
+    inferred = {name for name, s in PAPER.settings().items() if s.basis == INFERRED}
+    assert {"train.momentum", "train.weight_decay", "train.scheduler", "train.warmup_epochs",
+            "train.augment"} <= inferred  # fmt: skip
+    assert all(
+        "MaPLe" in PAPER.settings()[n].source or "Dassl" in PAPER.settings()[n].source for n in inferred
+    )
 
 
 def test_the_preset_values_build_the_configs():
