@@ -369,7 +369,8 @@ def test_the_shipped_tiny_clip_by_its_portable_name_and_eval_without_model(works
 
 
 def test_preset_gives_bench_group_and_train_its_defaults_and_explicit_options_win():
-    from peft_mmap.apps.cli import bench_spec, mmap_config, parse_args, train_config
+    from peft_mmap.apps.bench import preset_spec
+    from peft_mmap.apps.cli import DEFAULT_BENCH_METHODS, bench_spec, mmap_config, parse_args, train_config
 
     parser = build_parser()
     for command in ("bench", "group", "train"):
@@ -392,6 +393,8 @@ def test_preset_gives_bench_group_and_train_its_defaults_and_explicit_options_wi
         assert plain == TrainConfig() and mmap_config(parse_args(parser, base[:-2])).prompt_length == 4
     bench = ["bench", "--model", "org/name", "--data", "d", "--output", "o", "--fraction", "0.1"]
     spec = bench_spec(parse_args(parser, [*bench, "--preset", "paper", "--layout", "officehome"]), 4)
+    python = preset_spec("paper", "officehome", list(DEFAULT_BENCH_METHODS), fraction=0.1)
+    assert spec.settings() == python.settings() and spec.augment is None  # the CLI and Python agree
     assert (spec.preset, spec.protocol, spec.seeds, spec.method_options["coop_mt"]) == ("paper", "paper", [1, 2, 3],
                                                                                         {"n_ctx": 20})  # fmt: skip
     spec = bench_spec(parse_args(parser, [*bench, "--preset", "paper", "--layout", "officehome", "--seeds", "4",

@@ -273,11 +273,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preset_defaults(args: argparse.Namespace) -> dict[str, object]:
     """The option defaults that ``--preset`` gives the command parsed into ``args`` (for ``--layout``): its
-    trainer, MmAP and benchmark settings that are options of that command. A layout the preset has no batch
-    size for gets ``batch_size=None``, which `train_config` refuses unless ``--batch-size`` is given."""
+    trainer, MmAP and benchmark settings that are options of that command (its other trainer settings, such
+    as augmentation, reach `train_config` from the preset itself). A layout the preset has no batch size for
+    gets ``batch_size=None``, which `train_config` refuses unless ``--batch-size`` is given."""
     preset = get_preset(args.preset)
-    values = {**preset.train_settings(args.layout), **preset.mmap_settings(), **preset.bench_settings()}
-    values.setdefault("batch_size", None)
+    options = {f.name for f in config_options(TrainConfig)}
+    train = {name: value for name, value in preset.train_settings(args.layout).items() if name in options}
+    values = {"batch_size": None, **train, **preset.mmap_settings(), **preset.bench_settings()}
     return {name: value for name, value in values.items() if name in vars(args)}
 
 
