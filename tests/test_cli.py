@@ -279,6 +279,18 @@ def test_mmap_options_match_the_config_fields():
     assert mmap_config(parser.parse_args([*base, "--scale-init", "ones"])).scale_init == "ones"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--scale-init", "uniform"])
+    assert (
+        fields["text_placement"]
+        .metadata["help"]
+        .startswith(options["text_placement"].help.split(" (default")[0])
+    )
+    assert (
+        options["text_placement"].choices == ("insert", "replace")
+        and mmap_config(parser.parse_args(base)).text_placement == "insert"
+    )
+    assert mmap_config(parser.parse_args([*base, "--text-placement", "replace"])).text_placement == "replace"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--text-placement", "prepend"])
 
 
 def test_bench_augment_flag_reaches_the_spec():

@@ -38,6 +38,8 @@ from ..options import (
     PERF_PRECISIONS,
     PROTOCOLS,
     SCALE_INITS,
+    TEXT_PLACEMENT_HELP,
+    TEXT_PLACEMENTS,
     TINY_ARCH,
 )
 from ..train_config import TrainConfig
@@ -259,6 +261,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"init of the scaling matrices (default {SCALE_INITS[0]}: text prompts start as tiled copies of "
         "P_s, vision prompts as zero tokens; see MmAPConfig.scale_init).",
     )
+    mmap.add_argument(
+        "--text-placement",
+        choices=TEXT_PLACEMENTS,
+        default=TEXT_PLACEMENTS[0],
+        help=f"{TEXT_PLACEMENT_HELP} (default {TEXT_PLACEMENTS[0]}; see MmAPConfig.text_placement).",
+    )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -268,10 +276,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth`` and ``--scale-init``."""
+    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth``, ``--scale-init`` and
+    ``--text-placement``."""
     from ..config import MmAPConfig
 
-    return MmAPConfig(**{name: getattr(args, name) for name in MMAP_CLI_FIELDS}, scale_init=args.scale_init)
+    return MmAPConfig(
+        **{name: getattr(args, name) for name in MMAP_CLI_FIELDS},
+        scale_init=args.scale_init,
+        text_placement=args.text_placement,
+    )
 
 
 def num_groups_for(requested: int | str | None, num_tasks: int) -> int | None:
