@@ -220,8 +220,12 @@ PAPER = Preset(
         ),
         "prompt_length": Setting(22, CHOICE, _MMAP_SIZE),
         "source_shape": Setting([2, 8], CHOICE, _MMAP_SIZE),
-        # text_placement: "replace" (MaPLe-style context at CLIP positions 1..b, the paper's Eq. 9) goes here
-        # once MmAPConfig has the field (issue 29 item 3, branch `placement`).
+        "text_placement": Setting(
+            "replace",
+            INFERRED,
+            "MmAP paper, Eq. 9: [_, _, W_k] = L_k([P_G^k, P_T^k, W_{k-1}]), MaPLe's notation for its context, "
+            "which takes CLIP's positions 1..b in place of the template's words (MaPLe's and CoOp's code)",
+        ),
     },
     method_options={
         "coop": Setting(

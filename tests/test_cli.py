@@ -280,6 +280,18 @@ def test_mmap_options_match_the_config_fields():
     assert mmap_config(parser.parse_args([*base, "--scale-init", "ones"])).scale_init == "ones"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--scale-init", "uniform"])
+    assert (
+        fields["text_placement"]
+        .metadata["help"]
+        .startswith(options["text_placement"].help.split(" (default")[0])
+    )
+    assert (
+        options["text_placement"].choices == ("insert", "replace")
+        and mmap_config(parser.parse_args(base)).text_placement == "insert"
+    )
+    assert mmap_config(parser.parse_args([*base, "--text-placement", "replace"])).text_placement == "replace"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--text-placement", "prepend"])
 
 
 def test_bench_augment_flag_reaches_the_spec():
@@ -383,7 +395,8 @@ def test_preset_gives_bench_group_and_train_its_defaults_and_explicit_options_wi
                 1,
                 True,
             )
-            assert mmap_config(parse_args(parser, [*base, "--layout", layout])).prompt_length == 22
+            mmap = mmap_config(parse_args(parser, [*base, "--layout", layout]))
+            assert (mmap.prompt_length, mmap.text_placement) == (22, "replace")
         # An explicit option wins, also when it equals the default without the preset (--warmup-epochs 0).
         args = parse_args(parser, [*base, "--layout", "officehome", "--warmup-epochs", "0", "--batch-size", "2",
                                    "--prompt-length", "4"])  # fmt: skip
@@ -431,14 +444,17 @@ def test_preset_refusals_name_the_way_out(workspace, tmp_path, capsys):
 
 
 def test_preset_runs_record_the_preset_and_the_sizes(workspace, tmp_path):
-    quick = ["--preset", "paper", "--batch-size", "2", "--max-steps", "1", "--epochs", "2", "--device", "cpu"]
+    # The tiny CLIP has 20 text positions: 2 MmAP tokens per adapter leave room for the class prompts.
+    quick = ["--preset", "paper", "--batch-size", "2", "--max-steps", "1", "--epochs", "2", "--device", "cpu",
+             "--prompt-length", "2"]  # fmt: skip
     data = ["--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2"]
     assert main(["bench", *data, *quick, "--methods", "zeroshot", "mmap_task_only", "vpt_mt", "--seeds", "1",
                  "--output", str(tmp_path / "bench")]) == 0  # fmt: skip
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert results["preset"] == {"name": "paper", "layout": "generic", "overrides": {
-        "train.epochs": {"preset": 5, "used": 2}, "bench.seeds": {"preset": [1, 2, 3], "used": [1]}}}  # fmt: skip
-    assert results["sizes"]["mmap_task_only"] == {"config": {"prompt_length": 22, "source_shape": [2, 8],
+        "train.epochs": {"preset": 5, "used": 2}, "mmap.prompt_length": {"preset": 22, "used": 2},
+        "bench.seeds": {"preset": [1, 2, 3], "used": [1]}}}  # fmt: skip
+    assert results["sizes"]["mmap_task_only"] == {"config": {"prompt_length": 2, "source_shape": [2, 8],
                                                              "depth": None}}  # fmt: skip
     assert results["sizes"]["vpt_mt"] == {"prompt_length": 18}
     assert results["methods"]["vpt_mt"]["recipe"]["train"]["warmup_epochs"] == 1
@@ -447,6 +463,8 @@ def test_preset_runs_record_the_preset_and_the_sizes(workspace, tmp_path):
     assert main(["train", *data, *quick, "--groups-inline", "art;clipart,product", "--lr", "0.01",
                  "--output", str(tmp_path / "run")]) == 0  # fmt: skip
     record = json.loads((tmp_path / "run" / "preset.json").read_text())
-    assert record["name"] == "paper" and record["sizes"] == {"mmap": {"prompt_length": 22, "source_shape": [2, 8],
+    assert record["name"] == "paper" and record["sizes"] == {"mmap": {"prompt_length": 2, "source_shape": [2, 8],
                                                                       "depth": None}}  # fmt: skip
     assert record["overrides"]["train.lr"] == {"preset": 0.0035, "used": 0.01} and record["train"]["augment"]
+    config = json.loads((tmp_path / "run" / "adapters" / "group0" / "adapter_config.json").read_text())
+    assert config["text_placement"] == "replace"

@@ -38,6 +38,8 @@ from ..options import (
     PERF_PRECISIONS,
     PROTOCOLS,
     SCALE_INITS,
+    TEXT_PLACEMENT_HELP,
+    TEXT_PLACEMENTS,
     TINY_ARCH,
 )
 from ..presets import PRESETS, get_preset
@@ -269,6 +271,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"init of the scaling matrices (default {SCALE_INITS[0]}: text prompts start as tiled copies of "
         "P_s, vision prompts as zero tokens; see MmAPConfig.scale_init).",
     )
+    mmap.add_argument(
+        "--text-placement",
+        choices=TEXT_PLACEMENTS,
+        default=TEXT_PLACEMENTS[0],
+        help=f"{TEXT_PLACEMENT_HELP} (default {TEXT_PLACEMENTS[0]}; see MmAPConfig.text_placement).",
+    )
 
 
 def preset_defaults(args: argparse.Namespace) -> dict[str, object]:
@@ -316,13 +324,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth`` and ``--scale-init``
-    (with ``--preset``: on top of the preset's MmAP settings)."""
+    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth``, ``--scale-init`` and
+    ``--text-placement`` (with ``--preset``: on top of the preset's MmAP settings)."""
     from ..config import MmAPConfig
 
     preset = {} if args.preset is None else get_preset(args.preset).mmap_settings()
     options = {name: getattr(args, name) for name in MMAP_CLI_FIELDS}
-    return MmAPConfig(**{**preset, **options, "scale_init": args.scale_init})
+    return MmAPConfig(
+        **{**preset, **options, "scale_init": args.scale_init, "text_placement": args.text_placement}
+    )
 
 
 def preset_record(args: argparse.Namespace, config: TrainConfig, mmap: MmAPConfig) -> dict | None:
