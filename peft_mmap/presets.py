@@ -138,7 +138,7 @@ class Preset:
     def values(self, layout: str) -> dict[str, object]:
         """Every value the preset sets for data of ``layout``, keyed as by `flat_values`."""
         return flat_values(
-            train=self.train_settings(layout), mmap=self.mmap_settings(), options=self.options(),
+            train=self.train_settings(layout), mmap=self.mmap_settings(), method_options=self.options(),
             bench=self.bench_settings(),
         )  # fmt: skip
 
@@ -160,8 +160,9 @@ class Preset:
 
 
 def flat_values(**sections: Mapping[str, object]) -> dict[str, object]:
-    """``flat_values(train={"lr": 0.1}, options={"coop": {...}})`` -> ``{"train.lr": 0.1, "options.coop": {...}}``:
-    the keys of `Preset.values` and `Preset.record` (sections ``train``, ``mmap``, ``options``, ``bench``)."""
+    """``flat_values(train={"lr": 0.1}, bench={"seeds": [1]})`` -> ``{"train.lr": 0.1, "bench.seeds": [1]}``: the
+    keys of `Preset.values` and `Preset.record` (sections ``train``, ``mmap``, ``method_options``, ``bench``, as
+    in `Preset.settings`)."""
     return {
         f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
     }

@@ -63,7 +63,7 @@ def test_explicit_settings_win_and_are_recorded():
         "train.lr": {"preset": 0.0035, "used": 0.01},
         "train.warmup_epochs": {"preset": 1, "used": 0},
         "train.augment": {"preset": True, "used": False},
-        "options.coop_mt": {"preset": {"n_ctx": 20}, "used": {"n_ctx": 4}},
+        "method_options.coop_mt": {"preset": {"n_ctx": 20}, "used": {"n_ctx": 4}},
         "bench.seeds": {"preset": [1, 2, 3], "used": [7]},
     }
     # The preset's name changes no result: a folder's settings are those of the values alone.
@@ -134,3 +134,5 @@ def test_the_preset_values_build_the_configs():
             **PAPER.train_settings(layout),
         }
     assert flat_values(train={"lr": 1}, bench={"seeds": [1]}) == {"train.lr": 1, "bench.seeds": [1]}
+    # A recorded override is named as the setting it replaces (batch_size.<layout> -> train.batch_size).
+    assert set(PAPER.values("officehome")) - {"train.batch_size"} <= set(PAPER.settings())

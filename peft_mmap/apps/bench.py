@@ -203,7 +203,7 @@ class BenchmarkSpec:
             train["augment"] = self.augment
         used = flat_values(
             train=train, mmap=self.mmap.to_dict(),
-            options={m: self.method_options.get(m, {}) for m in self.methods},
+            method_options={m: self.method_options.get(m, {}) for m in self.methods},
             bench={"seeds": self.seeds, "protocol": self.protocol},
         )  # fmt: skip
         return get_preset(self.preset).record(self.layout, used)
