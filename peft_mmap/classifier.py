@@ -81,6 +81,47 @@ class TaskSpec:
         return {"name": self.name, "classnames": list(self.classnames), "template": self.template}
 
 
+def context_template(template: str, kept_words: str = "") -> str:
+    """The class-prompt template that follows a learnable context replacing ``template``'s words before ``{}``
+    (CoOp, MaPLe, MmAP's ``text_placement="replace"``): ``kept_words`` (words of an initialising phrase that
+    the context does not cover), the class name and ``template``'s text after ``{}``:
+    ``"a photo of a {}."`` gives ``"{}."``, with ``kept_words="of a"`` ``"of a {}."``."""
+    suffix = template.split("{}", 1)[1]
+    return f"{kept_words} {{}}{suffix}" if kept_words else f"{{}}{suffix}"
+
+
+#: The word whose token fills the placeholder positions of a class prompt (CoOp's "X X X X {class}.").
+PLACEHOLDER_WORD = "X"
+
+
+def tokenize_with_placeholders(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], count: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    """``texts`` tokenized (padded to the longest) with ``count`` placeholder tokens after SOS:
+    ``[SOS, X * count, text tokens, EOS, pad...]``; ``input_ids`` and ``attention_mask`` ``(C, count + L)``.
+
+    The placeholders are one token each (`PLACEHOLDER_WORD`), whatever the tokenizer merges in running text.
+    Raises ``ValueError`` when the result exceeds the text encoder's ``max_length`` positions.
+    """
+    encoded = tokenizer(list(texts), padding="longest", return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    placeholder = tokenizer(PLACEHOLDER_WORD, add_special_tokens=False)["input_ids"]
+    if len(placeholder) != 1:
+        raise ValueError(f"The tokenizer splits the placeholder {PLACEHOLDER_WORD!r} into {placeholder}.")
+    if count + ids.shape[1] > max_length:
+        raise ValueError(
+            f"{count} placeholder tokens + class prompts of up to {ids.shape[1]} tokens (with SOS/EOS) exceed the "
+            f"text encoder's {max_length} positions; use fewer prompt tokens or shorter class names."
+        )
+    fill = torch.full((ids.shape[0], count), placeholder[0], dtype=ids.dtype)
+    return {
+        "input_ids": torch.cat([ids[:, :1], fill, ids[:, 1:]], dim=1),
+        "attention_mask": torch.cat(
+            [mask[:, :1], torch.ones_like(fill, dtype=mask.dtype), mask[:, 1:]], dim=1
+        ),
+    }
+
+
 def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[str, TaskSpec]:
     """Normalise ``[TaskSpec, ...]`` or ``{name: classnames}`` to ``{name: TaskSpec}`` (names unique)."""
     if isinstance(tasks, dict):
@@ -181,11 +222,16 @@ class CLIPTaskClassifier(nn.Module):
         except (KeyError, TypeError):
             raise KeyError(f"Unknown task {task!r}; known tasks: {sorted(self.tasks)}.") from None
 
+    def tokenize_task(self, task: str) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` ``(C, L)`` of ``task``'s class prompts, which `task_tokens`
+        caches. Default: the spec's prompts padded to the longest prompt (not 77)."""
+        encoded = self.tokenizer(self.check_task(task).prompts, padding="longest", return_tensors="pt")
+        return {k: encoded[k] for k in ("input_ids", "attention_mask")}
+
     def task_tokens(self, task: str) -> dict[str, torch.Tensor]:
-        """Tokenized class prompts of ``task``, padded to the longest prompt (not 77): ``(C, L)`` each."""
+        """Tokenized class prompts of ``task`` (`tokenize_task`), cached, on the model's device: ``(C, L)`` each."""
         if task not in self._tokens:
-            encoded = self.tokenizer(self.check_task(task).prompts, padding="longest", return_tensors="pt")
-            self._tokens[task] = {k: encoded[k] for k in ("input_ids", "attention_mask")}
+            self._tokens[task] = self.tokenize_task(task)
         device = self.logit_scale.device
         tokens = self._tokens[task]
         if tokens["input_ids"].device != device:

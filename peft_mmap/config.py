@@ -13,7 +13,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from .base_models import portable_model_name
 from .checks import is_positive_int
 from .files import check_safetensors, new_file_mode
-from .options import MMAP_CLI_FIELDS, SCALE_INITS
+from .options import MMAP_CLI_FIELDS, SCALE_INITS, TEXT_PLACEMENT_HELP, TEXT_PLACEMENTS
 from .peft_type import MMAP_PEFT_TYPE
 
 #: Matches every ``CLIPEncoderLayer`` of ``CLIPModel`` (``{text,vision}_model.encoder.layers.N``) and of the
@@ -90,6 +90,12 @@ class MmAPConfig(PeftConfig):
             "tokens; P_s gets no gradient until M has moved) or 'normal' (N(0, 1) entries)."
         },
     )
+    text_placement: Literal["insert", "replace"] = field(
+        default=TEXT_PLACEMENTS[0],
+        metadata={
+            "help": f"{TEXT_PLACEMENT_HELP}. Configs saved before this field existed load as 'insert'."
+        },
+    )
     target_modules: str | list[str] | None = field(
         default=CLIP_ENCODER_LAYERS,
         metadata={"help": "Regex (full match) or names of the CLIPEncoderLayer modules to wrap."},
@@ -134,6 +140,10 @@ class MmAPConfig(PeftConfig):
             raise ValueError(f"MmAPConfig.init_std must be a positive float, got {self.init_std!r}.")
         if self.scale_init not in SCALE_INITS:
             raise ValueError(f"MmAPConfig.scale_init must be one of {SCALE_INITS}, got {self.scale_init!r}.")
+        if self.text_placement not in TEXT_PLACEMENTS:
+            raise ValueError(
+                f"MmAPConfig.text_placement must be one of {TEXT_PLACEMENTS}, got {self.text_placement!r}."
+            )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         _check_tower_sizes(self.tower_sizes)

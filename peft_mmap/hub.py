@@ -56,7 +56,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
         m, n = config.source_shape
         rows.append(
             f"| `{name}` | `{folder}` | {config.prompt_length} | {m}×{n} | "
-            f"{config.depth or 'all'} | {counts[name]:,} |"
+            f"{config.depth or 'all'} | {config.text_placement} | {counts[name]:,} |"
         )
     front = ["---", "library_name: peft", "tags:", "- peft", "- mmap", "- clip", "- prompt-tuning"]
     if base is not None and is_hub_id(base):
@@ -68,11 +68,15 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
         f"Multi-modal Alignment Prompts (MmAP, Xin et al., AAAI 2024) for `{base_name}`, trained with "
         "[peft_mmap](https://pypi.org/project/peft-mmap/).",
         "",
-        "| adapter | folder | prompt length b | source m×n | depth | parameters |",
-        "|---|---|---|---|---|---|",
+        "| adapter | folder | prompt length b | source m×n | depth | text prompts | parameters |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Total trainable parameters: {sum(counts.values()):,}.",
+        "",
+        "Text prompts: `insert` = extra tokens after SOS, the class prompt keeps its template; `replace` = the "
+        "prompts take positions 1..T of the class prompt, in place of T placeholder tokens after SOS "
+        "(`MmAPConfig.text_placement`).",
         "",
         "## Usage",
         "",

@@ -9,6 +9,13 @@ The first encoder layer inserts the prompt tokens after position 0, every prompt
 replaces the adapter's slot with its own new prompts (deep prompts), layers past an adapter's depth let its
 slot flow through, and the last encoder layer removes all prompt tokens again, so ``last_hidden_state``,
 pooling (CLS for vision, EOS for text) and every shape outside the encoder are CLIP's own.
+
+With ``text_placement="replace"`` (`MmAPConfig`) the text tower's input holds ``T`` placeholder tokens after
+SOS, and the prompts take their rows instead of being inserted (CoOp's and MaPLe's context)::
+
+    text:   [SOS, prompts(adapter_1), ..., prompts(adapter_A), class tokens, EOS, pad...]   (same length)
+
+The first layer's prompts get CLIP's positional embeddings ``1..T``; nothing is removed at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MmAPConfig
-from .prompting import PromptSlot, Tower, forward_with_prompt_slots
+from .prompting import PromptSlot, Tower, forward_with_prompt_slots, positioned_slots
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,16 @@ class MmAPSharedState:
         source: the tuner's ``ParameterDict`` of source prompts, one ``(depth, m, n)`` tensor per adapter.
         prompt_lengths: ``b`` per adapter.
         depths: number of prompted layers per adapter.
+        placements: `MmAPConfig.text_placement` per adapter.
+        text_positions: the text embeddings' position table (an ``nn.Embedding`` of the base model, held by
+            reference: it is neither a parameter of the tuner nor saved), ``None`` without a text tower.
     """
 
     source: nn.ParameterDict
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     depths: dict[str, int] = field(default_factory=dict)
+    placements: dict[str, str] = field(default_factory=dict)
+    text_positions: nn.Embedding | None = None
 
 
 def kron_prompt(scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -233,6 +245,9 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             names = tuple(self.active_adapters if adapter_names is None else adapter_names)
             slots = self._active_slots(names, hidden_states) if names else []  # none: the base layer alone
         next_replaces = all(self._shared.depths[n] > self.layer_index + 1 for n in names)
+        replace_rows = self.tower == "text" and self._replaces_text_rows(names)
+        if replace_rows and self.layer_index == 0:
+            slots = positioned_slots(slots, self._shared.text_positions.weight)
         return forward_with_prompt_slots(
             self.base_layer,
             hidden_states,
@@ -241,8 +256,20 @@ class MmAPLayer(nn.Module, BaseTunerLayer):
             self.num_layers,
             slots,
             next_replaces,
+            replace_rows,
             **kwargs,
         )
+
+    def _replaces_text_rows(self, names: tuple[str, ...]) -> bool:
+        """Whether the prompts of adapters ``names`` replace placeholder rows (all ``text_placement="replace"``);
+        adapters of one call with different placements are refused."""
+        placements = {self._shared.placements[name] for name in names}
+        if len(placements) > 1:
+            raise ValueError(
+                f"Adapters {list(names)} mix text placements {sorted(placements)}: the text prompts of one call "
+                "must all be inserted or all replace placeholder tokens (MmAPConfig.text_placement)."
+            )
+        return placements == {"replace"}
 
     def __repr__(self) -> str:
         return f"mmap.{super().__repr__()}"

@@ -24,7 +24,11 @@ MANIFEST_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_MANIFEST_BYTES = 10 * 2**20
 """Manifests larger than this (10 MiB) are refused before parsing."""
-MANIFEST_CONFIG_FIELDS = frozenset({"prompt_length", "source_shape", "depth", "init_std", "scale_init"})
+MANIFEST_CONFIG_FIELDS = frozenset(
+    {"prompt_length", "source_shape", "depth", "init_std", "scale_init", "text_placement"}
+)
+"""The `MmAPConfig` fields a manifest records (shared by its adapters); a manifest written before a field
+existed lacks it and loads with the field's default (``text_placement``: ``"insert"``)."""
 COMMIT_NAME = ".mmap_commit.json"
 STAGING_PREFIX = ".staging-"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]

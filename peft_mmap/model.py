@@ -93,6 +93,13 @@ def resolve_depth(config: MmAPConfig, towers: dict[str, TowerInfo]) -> int:
     )
 
 
+def text_position_table(model: nn.Module, towers: dict[str, TowerInfo]) -> nn.Embedding | None:
+    """The position embedding ``(max positions, d_l)`` of ``model``'s text tower (``None`` without one): what
+    ``text_placement="replace"`` adds to the first layer's text prompts."""
+    paths = [info.path for info in towers.values() if info.tower == "text"]
+    return model.get_submodule(paths[0]).embeddings.position_embedding if paths else None
+
+
 def find_layer(key: str, towers: dict[str, TowerInfo]) -> tuple[TowerInfo, int] | None:
     """The tower and index of the CLIP encoder layer at module path ``key`` (``None`` if it is none)."""
     owner, sep, index = key.rpartition("encoder.layers.")
@@ -195,6 +202,8 @@ class MmAPModel(BaseTuner):
         self.mmap_source[adapter_name] = nn.Parameter(source.to(dtype))
         self._mmap_shared.prompt_lengths[adapter_name] = config.prompt_length
         self._mmap_shared.depths[adapter_name] = depth
+        self._mmap_shared.placements[adapter_name] = config.text_placement
+        self._mmap_shared.text_positions = text_position_table(model, towers)
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs
@@ -213,6 +222,7 @@ class MmAPModel(BaseTuner):
         del self.mmap_source[adapter_name]
         del self._mmap_shared.prompt_lengths[adapter_name]
         del self._mmap_shared.depths[adapter_name]
+        del self._mmap_shared.placements[adapter_name]
 
     @staticmethod
     def _check_target_module_exists(peft_config: MmAPConfig, key: str) -> bool:

@@ -16,7 +16,14 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedToke
 
 from ._version import __version__
 from .base_models import load_clip_model, load_pretrained, portable_model_name
-from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, load_clip_processor
+from .classifier import (
+    CLIPTaskClassifier,
+    TaskSpec,
+    as_task_specs,
+    context_template,
+    load_clip_processor,
+    tokenize_with_placeholders,
+)
 from .config import MmAPConfig
 from .files import (
     atomic_write_json,
@@ -125,6 +132,21 @@ class MultiTaskMmAP(CLIPTaskClassifier):
 
     def _activation_key(self, task: str) -> object:
         return tuple(self._adapters_of[task])
+
+    def tokenize_task(self, task: str) -> dict[str, torch.Tensor]:
+        """``task``'s class prompts ``(C, L)``; with ``text_placement="replace"``, ``[SOS, T placeholders,
+        class name + the template's text after '{}', EOS]``: the task's ``T`` text prompt tokens (group and task
+        adapters) take the place of the template's words before ``{}`` (CoOp's and MaPLe's class prompt)."""
+        if self.config.text_placement == "insert":
+            return super().tokenize_task(task)
+        spec = self.check_task(task)
+        texts = TaskSpec(spec.name, spec.classnames, context_template(spec.template)).prompts
+        count = self.config.prompt_length * len(self._adapters_of[task])
+        limit = self.clip_model.config.text_config.max_position_embeddings
+        try:
+            return tokenize_with_placeholders(self.tokenizer, texts, count, limit)
+        except ValueError as err:
+            raise ValueError(f"Task {task!r}: {err}") from None
 
     def encode_images_mixed(self, pixel_values: torch.Tensor, tasks: list[str]) -> torch.Tensor:
         """One vision pass with per-sample prompts: row ``i`` gets the adapters of ``tasks[i]``."""

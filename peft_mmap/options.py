@@ -25,6 +25,20 @@ so ``peft-mmap --help`` needs no peft import and the two cannot drift apart."""
 SCALE_INITS = ("vision_zeros", "ones", "normal", "zeros")
 """`MmAPConfig.scale_init` choices (``--scale-init``); the first is the default."""
 
+TEXT_PLACEMENTS = ("insert", "replace")
+"""`MmAPConfig.text_placement` choices (``--text-placement``); the first is the default."""
+
+TEXT_PLACEMENT_HELP = (
+    "Where the text prompts sit: 'insert' (extra tokens without a position, inserted after SOS at the first "
+    "layer and removed after the last one; the class prompt keeps its template, 'a photo of a {}.') or "
+    "'replace' (as CoOp's and MaPLe's context: the T prompt tokens of the active adapters take positions 1..T "
+    "of the input, which must hold T placeholder tokens after SOS, e.g. 'X X X X {}.'; at the first layer they "
+    "replace those tokens' embeddings and get CLIP's positional embeddings 1..T, at each later prompted layer "
+    "they replace rows 1..T, and the sequence keeps its length). The vision prompts are inserted after CLS "
+    "either way"
+)
+"""Help of `MmAPConfig.text_placement` and ``--text-placement``."""
+
 DEFAULT_NUM_GROUPS = 2
 """Task groups found by gradient-based grouping when no number is given (``peft-mmap group`` and
 ``bench``, `peft_mmap.apps.bench.BenchmarkSpec`); fewer tasks than this give one group per task. Two, not "the

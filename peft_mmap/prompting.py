@@ -24,12 +24,19 @@ reference in tests and benchmarks).
 Inserted tokens get no positional embedding (they enter after the embedding layer, and after
 ``pre_layrnorm`` in the vision tower), as in MmAP, VPT-deep and MVLPT. For learnable prompts this loses no
 generality: a fixed positional embedding added to a free vector is a reparametrisation of that vector.
+
+With ``replace_rows`` (MmAP's ``text_placement="replace"``, the convention of CoOp's and MaPLe's context) the
+slots are not inserted: they occupy rows ``1..T`` of the sequence, which hold ``T`` placeholder tokens after
+SOS. Layer 0 replaces those rows (the caller adds CLIP's positional embeddings ``1..T`` first,
+`positioned_slots`), later layers replace or keep them as above, and nothing is removed: the sequence keeps
+its length, so the attention mask and the pooling are the model's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -116,6 +123,7 @@ def forward_with_prompt_slots(
     num_layers: int,
     slots: list[PromptSlot],
     next_layer_replaces: bool = False,
+    replace_rows: bool = False,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Run one CLIP encoder layer with deep prompt slots spliced in after position 0.
@@ -129,6 +137,10 @@ def forward_with_prompt_slots(
     ``hidden_states``: ``(B, L, d)`` at layer 0 and after a layer that dropped the prompt rows, else
     ``(B, L + T, d)``, with ``T`` the total slot length. Returns ``(B, L, d)`` after the last layer or when
     ``next_layer_replaces``, else ``(B, L + T, d)``.
+
+    ``replace_rows``: the slots take rows ``1..T`` of ``hidden_states`` (placeholders at layer 0, see the
+    module docstring) instead of being inserted; then ``L`` counts those rows, the mask is used as it is, and
+    the last layer returns all ``L`` rows (`check_placeholders` refuses a sequence too short for them).
     """
     if not slots:
         return base_layer(hidden_states, attention_mask, **kwargs)
@@ -136,7 +148,12 @@ def forward_with_prompt_slots(
     batch = hidden_states.shape[0]
     total = sum(length for _, length in slots)
     rows = slice(1, 1 + total)
-    has_prompt_rows = layer_index > 0 and not (skip and all(p is not None for p, _ in slots))
+    if layer_index == 0:
+        has_prompt_rows = replace_rows
+        if replace_rows:
+            check_placeholders(hidden_states, attention_mask, total)
+    else:
+        has_prompt_rows = not (skip and all(p is not None for p, _ in slots))
     pieces, offset = [], 1
     for prompts, length in slots:
         if prompts is None:
@@ -147,12 +164,49 @@ def forward_with_prompt_slots(
         offset += length
     prompts = _join_prompt_pieces(pieces, batch)
     sequence = _without_rows(hidden_states, rows) if has_prompt_rows else hidden_states
-    mask = expand_attention_mask(attention_mask, total)
-    if layer_index == num_layers - 1 or (skip and next_layer_replaces):
+    mask = attention_mask if replace_rows else expand_attention_mask(attention_mask, total)
+    last = layer_index == num_layers - 1
+    if (last and not replace_rows) or (not last and skip and next_layer_replaces):
         if skip and _can_skip_rows(base_layer, mask, kwargs):
             return forward_keeping_sequence_rows(base_layer, sequence, prompts, mask, **kwargs)
         return _without_rows(base_layer(_with_prompts(sequence, prompts), mask, **kwargs), rows)
     return base_layer(_with_prompts(sequence, prompts), mask, **kwargs)
+
+
+def check_placeholders(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, total: int) -> None:
+    """Refuse a text sequence whose rows ``1..total`` cannot be placeholders for ``total`` prompt tokens.
+
+    ``hidden_states``: ``(B, L, d)``; ``attention_mask``: ``None`` or the text mask the layer gets (2-D
+    ``(B, L)`` or 4-D ``(B, 1, Lq, L)``). Every row needs a real token after the placeholders (at least its
+    EOS, which pooling reads): ``L >= total + 2``, and, where the mask marks padding, position ``total + 1``
+    must not be padding. Which tokens sit at ``1..total`` is not checked: they are replaced whatever they are.
+    """
+    length = hidden_states.shape[1]
+    short = length < total + 2
+    if not short and attention_mask is not None:
+        if attention_mask.dim() == 2:
+            allowed = attention_mask[:, total + 1] == attention_mask[:, 0]
+        else:  # the last query row sees every real key; the SOS row sees SOS, so [0, 0] reads "allowed"
+            allowed = attention_mask[..., -1, total + 1] == attention_mask[..., 0, 0]
+        short = not bool(allowed.all())
+    if short:
+        raise ValueError(
+            f"text_placement='replace' puts {total} prompt tokens at positions 1..{total} of each text "
+            f"sequence, replacing {total} placeholder tokens after SOS, but a sequence (length {length}, padding "
+            f"included) has no real token after position {total}: tokenize each text with {total} placeholder "
+            "tokens after SOS (as CoOp's 'X X X X {class}.' for 4 prompt tokens)."
+        )
+
+
+def positioned_slots(slots: list[PromptSlot], positions: torch.Tensor) -> list[PromptSlot]:
+    """First-layer text slots as context *tokens*: each slot's prompts plus the positional embeddings of the
+    positions it takes, ``1..T`` in slot order (CoOp, MaPLe). ``positions``: the text embeddings' position
+    table ``(P, d)``; slots as `PromptSlot` (tokens ``(n, d)`` or ``(1 or B, n, d)``, none ``None``)."""
+    offsets = itertools.accumulate([1] + [length for _, length in slots])
+    return [
+        (prompts + positions[offset : offset + length].to(prompts.dtype), length)
+        for (prompts, length), offset in zip(slots, offsets, strict=False)
+    ]
 
 
 def _join_prompt_pieces(pieces: list[torch.Tensor], batch: int) -> torch.Tensor:

@@ -73,6 +73,22 @@ def mmap_with_random_prompts(clip: CLIPModel, names: tuple[str, ...] = ("group0"
     return model
 
 
+PLACEHOLDER_ID = 50
+"""A token id of the tiny CLIP's vocabulary (not SOS, EOS or padding) that fills placeholder positions."""
+
+
+def with_placeholders(batch: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """``batch`` with ``count`` placeholder tokens after SOS in every caption, as ``text_placement="replace"``
+    expects: ``[SOS, X * count, words, EOS, pad...]``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    fill = torch.full((ids.shape[0], count), PLACEHOLDER_ID, dtype=ids.dtype)
+    return {
+        **batch,
+        "input_ids": torch.cat([ids[:, :1], fill, ids[:, 1:]], dim=1),
+        "attention_mask": torch.cat([mask[:, :1], torch.ones_like(fill), mask[:, 1:]], dim=1),
+    }
+
+
 def projection_loss(tensor: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A scalar that depends on every entry of ``tensor`` (any shape): ``(tensor * w).sum()`` with ``w`` fixed
     N(0, 1) weights drawn from ``seed``. Gradient tests use it, not ``tensor.sum()``: the sum of a LayerNorm's

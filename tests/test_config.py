@@ -23,6 +23,11 @@ from peft_mmap import MmAPConfig
         ({"depth": 0}, "depth must be a positive int, got 0"),
         ({"init_std": -1.0}, "init_std must be a positive float, got -1.0"),
         ({"scale_init": "uniform"}, "scale_init must be one of"),
+        (
+            {"text_placement": "prepend"},
+            r"text_placement must be one of \('insert', 'replace'\), got 'prepend'",
+        ),
+        ({"text_placement": None}, r"text_placement must be one of .*, got None"),
         ({"prompt_length": 4.0}, "prompt_length must be a positive int, got 4.0"),
         ({"tower_sizes": {}}, "tower_sizes must be None or a mapping"),
         ({"tower_sizes": {"audio": {"hidden_size": 8, "num_layers": 2}}}, "tower_sizes must be None"),
@@ -53,8 +58,9 @@ def test_sizes_are_checked_against_the_model():
             "target_modules": ["vision_model.encoder.layers.1", "text_model.encoder.layers.0"],
         },
         {"tower_sizes": {"vision": {"hidden_size": 48, "num_layers": 3}}, "inference_mode": True},
+        {"text_placement": "replace"},
     ],
-    ids=["defaults", "tuple-shape", "module-list", "tower-sizes"],
+    ids=["defaults", "tuple-shape", "module-list", "tower-sizes", "replace"],
 )
 def test_to_dict_equals_the_json_written_and_read_back(tmp_path, kwargs):
     """As PEFT's config tests: ``to_dict()`` is JSON-natural (lists, no tuples or sets) and survives a
@@ -76,6 +82,17 @@ def test_the_config_peft_saves_for_a_model_reads_back_unchanged(tmp_path):
     written = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
     assert MmAPConfig.from_pretrained(tmp_path / "task").to_dict() == written
     assert written["source_shape"] == [3, 8]
+
+
+def test_a_config_saved_before_text_placement_existed_loads_as_insert(tmp_path):
+    assert MmAPConfig().text_placement == "insert"
+    MmAPConfig(text_placement="replace").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["text_placement"] == "replace"
+    del saved["text_placement"]
+    path.write_text(json.dumps(saved))
+    assert MmAPConfig.from_pretrained(tmp_path).text_placement == "insert"
 
 
 @pytest.mark.parametrize("name", ["encoder", "0", "layers", "a.b", "a/b", "", "..", "/abs", "mmap_source"])

@@ -36,7 +36,7 @@ class RecordingApi:
 @pytest.fixture
 def two_adapter_model(clip):
     model = get_peft_model(clip, MmAPConfig(), adapter_name="group0")
-    model.add_adapter("art", MmAPConfig())
+    model.add_adapter("art", MmAPConfig(text_placement="replace"))
     return model
 
 
@@ -55,6 +55,10 @@ def test_push_to_hub_uploads_peft_layout_and_model_card(two_adapter_model):
     counts = peft_mmap.adapter_parameter_counts(two_adapter_model)
     assert "library_name: peft" in card and "| `art` |" in card and "| `group0` |" in card
     assert f"{counts['art']:,}" in card and f"{sum(counts.values()):,}" in card
+    assert (
+        f"| all | insert | {counts['group0']:,} |" in card
+        and f"| all | replace | {counts['art']:,} |" in card
+    )
 
 
 def test_peft_push_to_hub_uploads_the_adapter_files(two_adapter_model, monkeypatch):

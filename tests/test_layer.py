@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from conftest import LAYERS, assert_close_to_scale, make_clip, projection_loss
+from conftest import LAYERS, assert_close_to_scale, make_clip, projection_loss, with_placeholders
 from conftest import mmap_with_random_prompts as _mmap
+from peft import get_peft_model
 
-from peft_mmap import MmAPLayer
-from peft_mmap.prompting import expand_attention_mask
+from peft_mmap import MmAPConfig, MmAPLayer
+from peft_mmap.prompting import computing_prompt_rows, expand_attention_mask
 
 
 def _capture_layer_inputs(model):
@@ -279,3 +282,110 @@ def test_outputs_without_autograd_follow_a_recreated_adapter(clip, batch):
             if name.endswith(".art"):
                 p.normal_(std=3.0)
     _assert_serves_like_a_fresh_model(model, batch, before)
+
+
+# ---- text_placement="replace": the prompts take rows 1..T of the text sequence -----------------------------
+
+
+def _prompts_written_by_hand(model, inputs, names, depth, attn="sdpa"):
+    """Text features of an untouched copy of the base CLIP whose own encoder layers get rows ``1..T`` of their
+    input overwritten (forward pre-hooks) by ``kron(M^k, P_s^k)`` of ``names`` at each of the first ``depth``
+    layers, plus CLIP's position embeddings ``1..T`` at layer 0: MaPLe's text prompts, by hand."""
+    reference = make_clip(attn_implementation=attn)
+    source = model.base_model.mmap_source
+    wrapped = {m.layer_index: m for m in model.modules() if isinstance(m, MmAPLayer) and m.tower == "text"}
+    table = reference.text_model.embeddings.position_embedding.weight
+    for k, layer in enumerate(reference.text_model.encoder.layers[:depth]):
+
+        def overwrite(_module, args, kwargs, k=k):
+            prompts = torch.cat([torch.kron(wrapped[k].mmap_scale[name], source[name][k]) for name in names])
+            if k == 0:
+                prompts = prompts + table[1 : 1 + len(prompts)]
+            hidden = args[0].clone()
+            hidden[:, 1 : 1 + len(prompts)] = prompts
+            return (hidden, *args[1:]), kwargs
+
+        layer.register_forward_pre_hook(overwrite, with_kwargs=True)
+    with torch.no_grad():
+        return reference.get_text_features(**inputs).pooler_output
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("depth", [None, 1, 2])
+def test_replace_equals_prompts_written_over_rows_1_to_t_by_hand(batch, attn, depth):
+    model = _mmap(make_clip(attn_implementation=attn), depth=depth, text_placement="replace")
+    text = {k: v for k, v in with_placeholders(batch, 8).items() if k != "pixel_values"}  # one row padded
+    want = _prompts_written_by_hand(model, text, ("group0", "art"), depth or LAYERS, attn)
+    for context in (contextlib.nullcontext, computing_prompt_rows):  # skipping discarded rows, and not
+        with context(), torch.no_grad():
+            assert_close_to_scale(model.get_text_features(**text).pooler_output, want)
+    inserted = _mmap(make_clip(attn_implementation=attn), depth=depth)  # same parameters, inserted
+    with torch.no_grad():
+        assert not torch.allclose(inserted.get_text_features(**text).pooler_output, want, atol=1e-2)
+
+
+def test_replace_keeps_the_text_sequence_and_inserts_vision_prompts_as_before(batch):
+    inputs = with_placeholders(batch, 8)
+    base = make_clip()(**inputs)
+    model = _mmap(make_clip(), text_placement="replace")
+    seen = _capture_layer_inputs(model)
+    out = model(**inputs)
+    for (tower, _k), (hidden, _, _) in seen.items():
+        assert hidden.shape[1] == (13 if tower == "text" else 1 + 8 + 4)
+    assert out.text_model_output.last_hidden_state.shape == base.text_model_output.last_hidden_state.shape
+    inserted = _mmap(make_clip())  # the same parameters (same seed and draws), prompts inserted
+    assert torch.equal(model.base_model.mmap_source["art"], inserted.base_model.mmap_source["art"])
+    assert_close_to_scale(out.image_embeds, inserted(**inputs).image_embeds)
+
+
+def test_replace_with_the_template_words_as_first_layer_prompts_gives_zero_shot_text_features():
+    """Issue 29: depth 1, ``P_s = 1`` (1×1) and ``M_l`` = the token embeddings of "a photo of a": the first
+    layer's text prompts are those words at CLIP's positions 1..4, so the text features are zero-shot CLIP's
+    for "a photo of a {}." (dropping their position embeddings, or inserting them, moves the features far)."""
+    from transformers import CLIPTokenizer
+
+    from peft_mmap.base_models import TINY_CLIP_NAME, load_clip_model, load_pretrained
+
+    tokenizer = load_pretrained(CLIPTokenizer, TINY_CLIP_NAME)
+    classes = ["cat", "dog", "sailing boat", "alarm clock"]
+    clip = load_clip_model(TINY_CLIP_NAME)
+    zero_shot = tokenizer([f"a photo of a {c}." for c in classes], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = clip.get_text_features(**zero_shot).pooler_output
+    words = tokenizer("a photo of a", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    config = MmAPConfig(prompt_length=len(words), source_shape=(1, 1), depth=1, text_placement="replace")
+    model = get_peft_model(clip, config)
+    with torch.no_grad():
+        model.base_model.mmap_source["default"].fill_(1.0)
+        text_layer = next(m for m in model.modules() if isinstance(m, MmAPLayer) and m.tower == "text")
+        text_layer.mmap_scale["default"].copy_(clip.text_model.embeddings.token_embedding(words))
+        placeholders = " ".join(["x"] * len(words))
+        inputs = tokenizer([f"{placeholders} {c}." for c in classes], padding=True, return_tensors="pt")
+        assert inputs["input_ids"].shape[1] == zero_shot["input_ids"].shape[1]
+        assert_close_to_scale(model.get_text_features(**inputs).pooler_output, want)
+
+
+def test_replace_refuses_text_without_room_for_the_placeholders(batch):
+    model = _mmap(make_clip(), text_placement="replace")  # T = 8
+    with pytest.raises(ValueError, match=r"puts 8 prompt tokens at positions 1\.\.8 .*\(length 5"):
+        model.get_text_features(input_ids=batch["input_ids"][:1])  # no padding: too short
+    for attn in ("sdpa", "eager"):
+        model = _mmap(make_clip(attn_implementation=attn), text_placement="replace")
+        fits = torch.tensor([[97, *[50] * 8, 5, 98], [97, *[50] * 8, 98, 0]])
+        model.get_text_features(input_ids=fits, attention_mask=(fits != 0).long())  # every EOS after the 8
+        short = torch.tensor([[97, *[50] * 8, 5, 98], [97, *[50] * 6, 98, 0, 0, 0]])  # row 2: EOS at 7
+        with pytest.raises(ValueError, match=r"no real token after position 8"):
+            model.get_text_features(input_ids=short, attention_mask=(short != 0).long())
+
+
+def test_adapters_of_one_call_must_share_the_text_placement(clip, batch):
+    model = get_peft_model(clip, MmAPConfig(prompt_length=4, source_shape=(2, 8)), adapter_name="a")
+    model.add_adapter("b", MmAPConfig(prompt_length=4, source_shape=(2, 8), text_placement="replace"))
+    model.base_model.set_adapter(["a", "b"])
+    with pytest.raises(
+        ValueError, match=r"Adapters \['a', 'b'\] mix text placements \['insert', 'replace'\]"
+    ):
+        model.get_text_features(
+            **{k: v for k, v in with_placeholders(batch, 8).items() if k != "pixel_values"}
+        )
+    model.get_image_features(pixel_values=batch["pixel_values"])  # the vision tower inserts either way

@@ -18,6 +18,7 @@ from conftest import (
     make_clip,
     projection_loss,
     tiny_clip_config,
+    with_placeholders,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -31,16 +32,24 @@ from transformers import (
 from peft_mmap import MmAPConfig, MmAPLayer
 
 
-def cfg() -> MmAPConfig:
+def cfg(text_placement: str = "insert") -> MmAPConfig:
     """A fresh config (b=4, m×n=2×8): injection records the model's tower sizes on the config it is given."""
-    return MmAPConfig(prompt_length=4, source_shape=(2, 8))
+    return MmAPConfig(prompt_length=4, source_shape=(2, 8), text_placement=text_placement)
 
 
-def _two_adapters(clip):
-    model = get_peft_model(clip, cfg(), adapter_name="group0")
-    model.add_adapter("art", cfg())
+def _two_adapters(clip, text_placement: str = "insert"):
+    model = get_peft_model(clip, cfg(text_placement), adapter_name="group0")
+    model.add_adapter("art", cfg(text_placement))
     model.base_model.set_adapter(["group0", "art"])
     return model
+
+
+PLACEMENTS = ["insert", "replace"]
+
+
+def _inputs(batch, text_placement, prompt_tokens=8):
+    """``batch``, with ``prompt_tokens`` placeholders after SOS where the text prompts replace them."""
+    return with_placeholders(batch, prompt_tokens) if text_placement == "replace" else batch
 
 
 def _randomise(model):
@@ -62,13 +71,14 @@ def test_parameter_count_matches_formula(clip):
     model.print_trainable_parameters()
 
 
-def test_gradients_reach_active_adapters_only(clip, batch):
-    model = get_peft_model(clip, cfg(), adapter_name="group0")
-    model.add_adapter("art", cfg())
-    model.add_adapter("clipart", cfg())
+@pytest.mark.parametrize("text_placement", PLACEMENTS)
+def test_gradients_reach_active_adapters_only(clip, batch, text_placement):
+    model = get_peft_model(clip, cfg(text_placement), adapter_name="group0")
+    model.add_adapter("art", cfg(text_placement))
+    model.add_adapter("clipart", cfg(text_placement))
     _randomise(model)  # zero-initialised scales would give the source prompts no gradient at step 0
     model.base_model.set_adapter(["group0", "art"])
-    projection_loss(model(**batch).logits_per_image).backward()
+    projection_loss(model(**_inputs(batch, text_placement)).logits_per_image).backward()
     for name, p in model.named_parameters():
         active = "mmap_" in name and name.split(".")[-1] in ("group0", "art")
         assert p.requires_grad == active, name
@@ -91,9 +101,11 @@ def test_inactive_adapters_are_untouched_by_training(clip, batch):
         assert changed == ("mmap_" in key and key.split(".")[-1] in ("group0", "art")), key
 
 
-def test_disable_adapter_gives_base_outputs_exactly(clip, batch):
+@pytest.mark.parametrize("text_placement", PLACEMENTS)
+def test_disable_adapter_gives_base_outputs_exactly(clip, batch, text_placement):
+    batch = _inputs(batch, text_placement)
     base = clip(**batch).logits_per_image.clone()
-    model = _two_adapters(clip)
+    model = _two_adapters(clip, text_placement)
     _randomise(model)
     assert not torch.allclose(model(**batch).logits_per_image, base)
     with model.disable_adapter():
@@ -101,8 +113,10 @@ def test_disable_adapter_gives_base_outputs_exactly(clip, batch):
     assert any(p.requires_grad for p in model.parameters())
 
 
-def test_save_load_round_trip_with_several_adapters(clip, batch, tmp_path):
-    model = _two_adapters(clip)
+@pytest.mark.parametrize("text_placement", PLACEMENTS)
+def test_save_load_round_trip_with_several_adapters(clip, batch, tmp_path, text_placement):
+    batch = _inputs(batch, text_placement)
+    model = _two_adapters(clip, text_placement)
     _randomise(model)
     expected = model(**batch).logits_per_image
     model.save_pretrained(tmp_path)
@@ -112,16 +126,18 @@ def test_save_load_round_trip_with_several_adapters(clip, batch, tmp_path):
             "adapter_config.json",
             "adapter_model.safetensors",
         ]
-        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "MMAP"
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        assert (saved["peft_type"], saved["text_placement"]) == ("MMAP", text_placement)
         keys = load_file(folder / "adapter_model.safetensors")
         assert sum("mmap_source" in k for k in keys) == 1
-        assert sum("mmap_scale" in k for k in keys) == 2 * LAYERS
+        assert sum("mmap_scale" in k for k in keys) == 2 * LAYERS == len(keys) - 1  # no position table
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
 
     fresh = make_clip()
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "group0", adapter_name="group0")
     loaded.load_adapter(tmp_path / "art", adapter_name="art")
     loaded.base_model.set_adapter(["group0", "art"], inference_mode=True)
+    assert {c.text_placement for c in loaded.peft_config.values()} == {text_placement}
     torch.testing.assert_close(loaded(**batch).logits_per_image, expected)
     assert loaded.get_nb_trainable_parameters()[0] == 0
 
@@ -223,19 +239,25 @@ def test_single_tower_models(cls, sub, tower, batch, tmp_path):
     torch.testing.assert_close(reloaded(**inputs)[0], peft_model(**inputs)[0])
 
 
-def test_mixed_routes_equal_per_task_batches(clip, batch):
-    model = get_peft_model(clip, cfg(), adapter_name="g")
-    model.add_adapter("a", cfg())
-    model.add_adapter("b", cfg())
+@pytest.mark.parametrize("text_placement", PLACEMENTS)
+def test_mixed_routes_equal_per_task_batches(clip, batch, text_placement):
+    """Routes choose the vision prompts per sample; the text tower uses the adapters of the call."""
+    model = get_peft_model(clip, cfg(text_placement), adapter_name="g")
+    model.add_adapter("a", cfg(text_placement))
+    model.add_adapter("b", cfg(text_placement))
     _randomise(model)
-    pixels = batch["pixel_values"]
+    inputs = _inputs(batch, text_placement)
     per_task = []
     for i, task in enumerate(("a", "b")):
         model.base_model.set_adapter(["g", task])
-        per_task.append(model.get_image_features(pixel_values=pixels[i : i + 1]).pooler_output)
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        out = model(**row)
+        per_task.append((out.image_embeds, out.text_embeds))
+    model.base_model.set_adapter(["g", "a"])
     with model.base_model.adapter_routes([["g", "a"], ["g", "b"]]):
-        mixed = model.get_image_features(pixel_values=pixels).pooler_output
-    assert_close_to_scale(mixed, torch.cat(per_task))
+        mixed = model(**inputs)
+    assert_close_to_scale(mixed.image_embeds, torch.cat([image for image, _ in per_task]))
+    assert_close_to_scale(mixed.text_embeds[:1], per_task[0][1])  # text: adapters g and a for every row
     with pytest.raises(ValueError, match="Unknown adapter"), model.base_model.adapter_routes([["g", "nope"]]):
         pass
 
@@ -686,10 +708,11 @@ def test_adapter_dtype_follows_autocast_adapter_dtype_as_for_lora(saved_adapters
     assert loaded(**inputs).logits_per_image.dtype == dtype
 
 
-def test_every_factor_of_a_fresh_default_adapter_gets_a_gradient(clip, batch):
+@pytest.mark.parametrize("text_placement", PLACEMENTS)
+def test_every_factor_of_a_fresh_default_adapter_gets_a_gradient(clip, batch, text_placement):
     """Issue 10: with the default config, P_s of every layer and both towers' M learn from the first step."""
-    model = get_peft_model(clip, MmAPConfig())
-    out = model(**batch, return_loss=True)
+    model = get_peft_model(clip, MmAPConfig(text_placement=text_placement))
+    out = model(**_inputs(batch, text_placement, 4), return_loss=True)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert any("mmap_source" in n for n in grads)

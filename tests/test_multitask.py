@@ -156,3 +156,106 @@ def test_groups_must_partition_the_tasks(tokenizer):
         MultiTaskMmAP(make_clip(), tokenizer, TASKS, [["art"], ["product"]])
     with pytest.raises(ValueError, match="unknown tasks"):
         MultiTaskMmAP(make_clip(), tokenizer, TASKS, [["art", "clipart", "product", "x"]])
+
+
+# ---- text_placement="replace": class prompts [SOS, T placeholders, class name + the template's end, EOS] ----
+
+
+@pytest.fixture
+def replacing(tokenizer):
+    config = MmAPConfig(prompt_length=2, source_shape=(1, 8), text_placement="replace")
+    m = MultiTaskMmAP(make_clip(), tokenizer, TASKS, GROUPS, config)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return m.eval()
+
+
+def test_replace_logits_equal_a_hand_built_clip_classifier_with_placeholders(replacing, tokenizer):
+    """The task's 4 text prompt tokens (group and task adapters, b=2 each) take the place of "a clipart of a"."""
+    pixels = torch.randn(2, 3, 16, 16)
+    logits = replacing(pixels, "clipart")
+    tokens = tokenizer(
+        ["x x x x cat.", "x x x x dog."], padding="max_length", max_length=20, return_tensors="pt"
+    )
+    assert torch.equal(replacing.task_tokens("clipart")["input_ids"], tokens["input_ids"][:, :10])
+    peft = replacing.peft_model
+    peft.base_model.set_adapter(["group0", "clipart"])
+    out = peft(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    assert_close_to_scale(logits, out.logits_per_image)
+    inserted = MultiTaskMmAP(
+        make_clip(), tokenizer, TASKS, GROUPS, MmAPConfig(prompt_length=2, source_shape=(1, 8))
+    )
+    inserted.load_state_dict(replacing.state_dict())
+    assert not torch.allclose(inserted.eval()(pixels, "clipart"), logits, atol=1e-2)
+
+
+def test_replace_mixed_task_batch_equals_per_task_batches(replacing):
+    pixels = torch.randn(4, 3, 16, 16)
+    tasks = ["art", "product", "clipart", "art"]
+    mixed = replacing(pixels, tasks)
+    for i, task in enumerate(tasks):
+        single = replacing(pixels[i : i + 1], task)[0]
+        assert_close_to_scale(mixed[i, : single.shape[0]], single)
+
+
+def test_replace_save_and_load_round_trip_keeps_the_placement(replacing, tokenizer, tmp_path):
+    pixels = torch.randn(2, 3, 16, 16)
+    expected = {t: replacing(pixels, t) for t in replacing.tasks}
+    replacing.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["mmap_config"]["text_placement"] == "replace"
+    assert json.loads((tmp_path / "art" / "adapter_config.json").read_text())["text_placement"] == "replace"
+    loaded = MultiTaskMmAP.from_pretrained(make_clip(), tmp_path, tokenizer=tokenizer)
+    assert loaded.config.text_placement == "replace"
+    for task, logits in expected.items():
+        torch.testing.assert_close(loaded(pixels, task), logits)
+
+
+def test_a_manifest_written_before_text_placement_existed_loads_as_insert(model, tokenizer, tmp_path):
+    pixels = torch.randn(2, 3, 16, 16)
+    expected = model(pixels, "art")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    assert manifest["mmap_config"].pop("text_placement") == "insert"
+    path.write_text(json.dumps(manifest))
+    loaded = MultiTaskMmAP.from_pretrained(make_clip(), tmp_path, tokenizer=tokenizer)
+    assert loaded.config.text_placement == "insert"
+    torch.testing.assert_close(loaded(pixels, "art"), expected)
+
+
+def test_replace_with_the_template_words_as_prompts_gives_zero_shot_logits():
+    """Depth 1, ``P_s = 1`` (1×1): the group adapter's text scale holds the token embeddings of "a photo", the
+    task adapter's those of "of a", so each class prompt is zero-shot CLIP's "a photo of a <class>."."""
+    from transformers import CLIPTokenizer
+
+    from peft_mmap.base_models import TINY_CLIP_NAME, load_clip_model, load_pretrained
+    from peft_mmap.classifier import CLIPTaskClassifier
+
+    tokenizer = load_pretrained(CLIPTokenizer, TINY_CLIP_NAME)
+    tasks = [TaskSpec("pets", ["cat", "dog", "golden retriever"]), TaskSpec("things", ["alarm clock", "cup"])]
+    config = MmAPConfig(prompt_length=2, source_shape=(1, 1), depth=1, text_placement="replace")
+    model = MultiTaskMmAP(load_clip_model(TINY_CLIP_NAME), tokenizer, tasks, [["pets", "things"]], config)
+    embeddings = model.clip_model.text_model.embeddings.token_embedding
+    tuner = model.peft_model.base_model
+    with torch.no_grad():
+        for name, words in (("group0", "a photo"), ("pets", "of a"), ("things", "of a")):
+            ids = tokenizer(words, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            tuner.mmap_source[name].fill_(1.0)
+            tuner.model.text_model.encoder.layers[0].mmap_scale[name].copy_(embeddings(ids))
+    zero_shot = CLIPTaskClassifier(load_clip_model(TINY_CLIP_NAME), tokenizer, tasks).eval()
+    model.eval()
+    for task in ("pets", "things"):
+        assert_close_to_scale(model.text_features(task), zero_shot.text_features(task))
+
+
+def test_replace_refuses_class_prompts_longer_than_the_text_encoder(tokenizer):
+    config = MmAPConfig(prompt_length=4, source_shape=(2, 8), text_placement="replace")
+    tasks = [TaskSpec("long", ["abcdefghijklmno"])]  # 4 placeholders + 16 characters + SOS/EOS > 20 positions
+    model = MultiTaskMmAP(make_clip(), tokenizer, tasks, None, config)
+    with pytest.raises(
+        ValueError, match=r"Task 'long': 4 placeholder tokens \+ class prompts of up to 18 .* 20 positions"
+    ):
+        model.text_features("long")

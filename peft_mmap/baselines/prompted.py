@@ -11,7 +11,6 @@ MaPLe prompts, ...). A task uses a list of units whose slots are placed in that 
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, PreTrainedTokenizerBase
 
-from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
+from ..classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, context_template
 from ..manifest import check_groups, group_adapter_name
-from ..prompting import PromptSlot, Tower, install_deep_prompts, tower_encoders
+from ..prompting import PromptSlot, Tower, install_deep_prompts, positioned_slots, tower_encoders
 from .persistence import TrainableStateMixin
 
 Layout = Literal["task", "shared", "grouped"]
@@ -128,9 +127,7 @@ class PromptClassifier(TrainableStateMixin, CLIPTaskClassifier):
         units = [self.units[name] for name in self._active]
         slots = [(u.prompts(tower, layer), u.lengths[tower]) for u in units if u.lengths[tower]]
         if self.text_context and tower == "text" and layer == 0:
-            table = self.clip_model.text_model.embeddings.position_embedding.weight
-            offsets = itertools.accumulate([1] + [length for _, length in slots])
-            slots = [(p + table[o : o + n].to(p.dtype), n) for (p, n), o in zip(slots, offsets, strict=False)]
+            return positioned_slots(slots, self.clip_model.text_model.embeddings.position_embedding.weight)
         return slots
 
     def _replaces(self, tower: Tower, layer: int) -> bool:
@@ -191,13 +188,16 @@ def context_tasks(
 ) -> list[TaskSpec]:
     """The tasks with the class prompt that follows a learnable context of ``n_ctx`` tokens (CoOp, MaPLe).
 
-    The template is ``"{}."``: the context replaces the hand-written one. When ``ctx_init`` has more tokens
-    than the context, the rest stay as fixed words, as in MaPLe's code: a 2-token context from
-    "a photo of a" gives ``"of a {}."``, so the prompt starts as "a photo of a <class>.".
+    The context replaces the template's words before ``{}`` (`peft_mmap.classifier.context_template`:
+    ``"a photo of a {}."`` gives ``"{}."``). When ``ctx_init`` has more tokens than the context, the rest stay
+    as fixed words, as in MaPLe's code: a 2-token context from "a photo of a" gives ``"of a {}."``, so the
+    prompt starts as "a photo of a <class>.".
     """
     rest = ""
     if ctx_init:
         ids = tokenizer(ctx_init, add_special_tokens=False)["input_ids"]
         rest = tokenizer.decode(ids[n_ctx:]).strip()
-    template = f"{rest} {{}}." if rest else "{}."
-    return [TaskSpec(s.name, s.classnames, template) for s in as_task_specs(tasks).values()]
+    return [
+        TaskSpec(s.name, s.classnames, context_template(s.template, rest))
+        for s in as_task_specs(tasks).values()
+    ]
