@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from transformers import CLIPModel
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def load_pretrained(cls: type[Loaded], reference: str | os.PathLike, **kwargs) -
     return cls.from_pretrained(source.name, **kwargs)
 
 
-def load_clip_model(reference: str | os.PathLike, **kwargs) -> CLIPModel:
-    """A ``CLIPModel`` from a model reference (see `load_pretrained`)."""
-    from transformers import CLIPModel
+def load_clip_model(reference: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """The dual encoder of a model reference (see `load_pretrained`), of the class its ``config.json`` names
+    (``AutoModel``): a ``CLIPModel``, ``SiglipModel``, ``MetaClip2Model``, ..."""
+    from transformers import AutoModel
 
-    return load_pretrained(CLIPModel, reference, **kwargs)
+    return load_pretrained(AutoModel, reference, **kwargs)

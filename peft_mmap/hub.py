@@ -10,6 +10,7 @@ from huggingface_hub import HfApi
 from peft import PeftModel
 
 from .base_models import TINY_CLIP_NAME, is_hub_id, portable_model_name
+from .families import model_family
 from .files import atomic_write_text
 from .model import MmAPModel
 
@@ -48,7 +49,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
     if base == TINY_CLIP_NAME:
         load_base = f'clip = peft_mmap.load_clip_model("{base}")'
     else:
-        load_base = f'clip = CLIPModel.from_pretrained("{base_name}")'
+        load_base = f'clip = AutoModel.from_pretrained("{base_name}")'
     counts = adapter_parameter_counts(peft_model)
     rows = []
     for name, config in peft_model.peft_config.items():
@@ -58,7 +59,9 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
             f"| `{name}` | `{folder}` | {config.prompt_length} | {m}×{n} | "
             f"{config.depth or 'all'} | {counts[name]:,} |"
         )
-    front = ["---", "library_name: peft", "tags:", "- peft", "- mmap", "- clip", "- prompt-tuning"]
+    family = model_family(peft_model.get_base_model()).name
+    tags = ["peft", "mmap", family, "prompt-tuning"]
+    front = ["---", "library_name: peft", "tags:", *(f"- {tag}" for tag in tags)]
     if base is not None and is_hub_id(base):
         front.append(f"base_model: {base}")
     front.append("---")
@@ -79,7 +82,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
         "```python",
         "import peft_mmap  # registers the MMAP method with peft",
         "from peft import PeftModel",
-        "from transformers import CLIPModel",
+        "from transformers import AutoModel",
         "",
         load_base,
         'model = PeftModel.from_pretrained(clip, "<repo>", subfolder="<adapter>", adapter_name="<adapter>")',

@@ -10,9 +10,9 @@ from typing import ClassVar
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
-from transformers import CLIPTextModel, CLIPVisionModel
 
 from .config import CLIP_ENCODER_LAYERS, TOWERS, MmAPConfig
+from .families import model_family, tower_family
 from .files import check_safe_name, check_state_dict
 from .layer import MmAPLayer, MmAPSharedState, RouteSlot
 from .prompting import Tower, prompt_depth
@@ -34,17 +34,15 @@ class TowerInfo:
 
 
 def find_towers(model: nn.Module) -> dict[str, TowerInfo]:
-    """The CLIP towers of ``model`` by module path (``CLIPModel`` has two, single-tower models one)."""
+    """The towers of ``model`` by module path (a dual encoder has two, single-tower models one), for every
+    family of `peft_mmap.families` (CLIP, SigLIP, SigLIP 2, MetaCLIP 2), detected from their classes."""
+    model_family(model)  # one supported family, or a clear error
     towers = {}
     for path, module in model.named_modules():
-        if isinstance(module, (CLIPTextModel, CLIPVisionModel)):
-            tower: Tower = "text" if isinstance(module, CLIPTextModel) else "vision"
+        found = tower_family(module)
+        if found is not None:
+            tower: Tower = found[1]
             towers[path] = TowerInfo(path, tower, module.config.hidden_size, module.config.num_hidden_layers)
-    if not towers:
-        raise ValueError(
-            f"MmAP needs a transformers CLIP model (CLIPModel, CLIPTextModel[WithProjection] or "
-            f"CLIPVisionModel[WithProjection]); found no CLIP encoder in {type(model).__name__}."
-        )
     return towers
 
 
@@ -139,7 +137,9 @@ class MmAPModel(BaseTuner):
 
     prefix = "mmap_"
     tuner_layer_cls = MmAPLayer
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {"clip": [CLIP_ENCODER_LAYERS]}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {
+        model_type: [CLIP_ENCODER_LAYERS] for model_type in ("clip", "siglip", "siglip2", "metaclip_2")
+    }
     uses_shared_state = True
 
     def _pre_injection_hook(self, model: nn.Module, config: MmAPConfig, adapter_name: str) -> None:

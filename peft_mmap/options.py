@@ -7,7 +7,10 @@ modules that use them import them from here, so each value is written once.
 from __future__ import annotations
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-"""Class-prompt template of a task (`peft_mmap.classifier.TaskSpec`)."""
+"""Class-prompt template of a task (`peft_mmap.classifier.TaskSpec`), and the default of CLIP and MetaCLIP 2."""
+
+SIGLIP_TEMPLATE = "This is a photo of {}."
+"""The default class-prompt template of SigLIP and SigLIP 2 (their model cards' zero-shot template)."""
 
 LAYOUTS = ("generic", "officehome", "domainnet")
 """Dataset folder layouts (`peft_mmap.data.load_task_folders`)."""

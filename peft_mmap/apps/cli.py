@@ -38,6 +38,7 @@ from ..options import (
     PERF_PRECISIONS,
     PROTOCOLS,
     SCALE_INITS,
+    SIGLIP_TEMPLATE,
     TINY_ARCH,
 )
 from ..train_config import TrainConfig
@@ -45,6 +46,7 @@ from .argtypes import fraction, non_negative_float, non_negative_int, positive_f
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import CLIPModel, CLIPProcessor
 
     from ..classifier import TaskSpec
@@ -115,7 +117,7 @@ def check_model(text: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"{text!r} is a folder without config.json; expected a CLIPModel saved with save_pretrained."
+                f"{text!r} is a folder without config.json; expected a model saved with save_pretrained."
             )
         return str(path)
     if path.exists():
@@ -147,8 +149,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         "--model",
         type=model_id,
         required=required,
-        help="CLIP checkpoint: hub id (e.g. openai/clip-vit-base-patch16), local folder with CLIPModel + "
-        f"CLIPProcessor, or {TINY_CLIP_NAME} (the tiny CLIP shipped in the package).",
+        help="dual-encoder checkpoint (CLIP, SigLIP, SigLIP 2 at fixed resolution, MetaCLIP 2; the family is "
+        "read from its config): hub id (e.g. openai/clip-vit-base-patch16, google/siglip-base-patch16-224), local "
+        f"folder with model + processor, or {TINY_CLIP_NAME} (the tiny CLIP shipped in the package).",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 
@@ -191,7 +194,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, single_run: bool = True)
         "--skip-unreadable", action="store_true", help="drop images PIL cannot read instead of failing."
     )
     data.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help=f"class prompt template (default {DEFAULT_TEMPLATE!r})."
+        "--template",
+        help=f"class prompt template (default: the model family's, {DEFAULT_TEMPLATE!r} for CLIP and MetaCLIP 2, "
+        f"{SIGLIP_TEMPLATE!r} for SigLIP and SigLIP 2).",
     )
 
 
@@ -344,9 +349,12 @@ def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> N
         save_split(splits, args.split_file, args.data)
 
 
-def task_specs(splits: dict[str, TaskSplit], template: str) -> list[TaskSpec]:
+def task_specs(splits: dict[str, TaskSplit], template: str | None, model: nn.Module) -> list[TaskSpec]:
+    """The tasks of ``splits`` with ``template``, else the template of ``model``'s family."""
     from ..classifier import TaskSpec
+    from ..families import model_family
 
+    template = template or model_family(model).template
     return [TaskSpec(name, split.classnames, template) for name, split in splits.items()]
 
 
@@ -412,8 +420,9 @@ def run_group(args: argparse.Namespace) -> None:
     processor = load_processor(args.model)
     train_sets = datasets(splits, processor, "train", args)
     save_split_file(args, splits)
+    clip = load_clip(args.model)
     result = task_affinity(
-        load_clip(args.model), processor.tokenizer, train_sets, task_specs(splits, args.template), mmap,
+        clip, processor.tokenizer, train_sets, task_specs(splits, args.template, clip), mmap,
         config, snapshots=args.snapshots, every=args.every, metric=args.metric, device=device_of(args),
     )  # fmt: skip
     groups = group_tasks(result.matrix, result.task_names, num_groups)
@@ -457,8 +466,9 @@ def run_train(args: argparse.Namespace) -> None:
     processor = load_processor(args.model)
     train_sets = datasets(splits, processor, "train", args)
     save_split_file(args, splits)
+    clip = load_clip(args.model)
     model = MultiTaskMmAP(
-        load_clip(args.model), processor.tokenizer, task_specs(splits, args.template), groups, mmap,
+        clip, processor.tokenizer, task_specs(splits, args.template, clip), groups, mmap,
         task_adapters=not args.no_task_adapters, base_model_id=args.model,
     )  # fmt: skip
     result = train(model, train_sets, config, args.output, resume=args.resume, device=device_of(args))
@@ -648,7 +658,8 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
     return BenchmarkSpec(
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
         train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
-        groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
+        groups=args.groups_inline, affinity_snapshots=args.snapshots,
+        template=args.template or DEFAULT_TEMPLATE,
         eval_batch_size=args.eval_batch_size, protocol=args.protocol, augment=args.augment,
         device=args.device,
     )  # fmt: skip
