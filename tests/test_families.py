@@ -311,18 +311,21 @@ def test_save_load_and_hub_round_trip_give_identical_logits(family, tmp_path):
 
 
 # ---- the multi-task layer --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def siglip_tokenizer(tokenizer, tmp_path_factory):
-    """The character-level CLIP tokenizer, configured as SigLIP's tokenizer is: no attention mask (SigLIP's
-    tokenizer config gives ``model_input_names = ["input_ids"]``), EOS as padding. It stands in for SigLIP's
-    SentencePiece tokenizer, which needs the sentencepiece package."""
+def siglip_style_tokenizer(tokenizer, folder: Path):
+    """``tokenizer`` (the character-level CLIP tokenizer of the tests) configured as SigLIP's tokenizer is: no
+    attention mask (SigLIP's tokenizer config gives ``model_input_names = ["input_ids"]``), EOS as padding.
+    It stands in for SigLIP's SentencePiece tokenizer, which needs the sentencepiece package."""
     from transformers import CLIPTokenizer
 
-    folder = tmp_path_factory.mktemp("siglip-tokenizer")
     tokenizer.save_pretrained(folder)
-    tok = CLIPTokenizer.from_pretrained(folder, model_input_names=["input_ids"])
+    tok = CLIPTokenizer.from_pretrained(folder, model_input_names=["input_ids"], model_max_length=TEXT_LENGTH)
     assert tok.pad_token_id == tok.eos_token_id == 98
     return tok
+
+
+@pytest.fixture(scope="module")
+def siglip_tokenizer(tokenizer, tmp_path_factory):
+    return siglip_style_tokenizer(tokenizer, tmp_path_factory.mktemp("siglip-tokenizer"))
 
 
 @pytest.mark.parametrize("family", CLASSIFIER_FAMILIES)
@@ -400,10 +403,11 @@ def test_the_siglip_template_is_the_default_and_an_explicit_one_is_kept(siglip_t
 
 
 def write_siglip_checkpoint(folder: Path, tokenizer) -> Path:
-    """A tiny random SigLIP saved as a Hub checkpoint is: ``SiglipModel``, ``SiglipProcessor`` with its image
-    processor and ``tokenizer`` (`siglip_tokenizer`)."""
+    """A tiny random SigLIP saved as a Hub checkpoint is: ``SiglipModel`` and ``SiglipProcessor`` (image
+    processor, and ``tokenizer`` configured by `siglip_style_tokenizer`)."""
     from transformers import SiglipImageProcessorPil, SiglipProcessor
 
+    tokenizer = siglip_style_tokenizer(tokenizer, folder)
     make_siglip().save_pretrained(folder)
     processor = SiglipProcessor(SiglipImageProcessorPil(size={"height": 16, "width": 16}), tokenizer)
     processor.save_pretrained(folder)
