@@ -44,6 +44,14 @@ ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
 vision heads, patch size, projection dim); text: 12 layers, 77 positions, 49408 tokens; images 224 px
 (`peft_mmap.apps.params.clip_config`)."""
 
+FAMILY_ARCHS: dict[str, str] = {
+    "siglip-b16-224": "google/siglip-base-patch16-224",
+    "siglip2-b16-256": "google/siglip2-base-patch16-256",
+    "metaclip2-b16": "facebook/metaclip-2-worldwide-b16",
+}
+"""Standard sizes of the other families (``peft-mmap params --arch``), each with the checkpoint whose shapes it
+has (`peft_mmap.apps.family_archs.family_config`)."""
+
 TINY_ARCH = "tiny"
 """``peft-mmap perf --arch tiny``: 2 layers of width 64 per tower, 32 px images."""
 

@@ -30,6 +30,7 @@ from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
     DEFAULT_TEMPLATE,
+    FAMILY_ARCHS,
     LAYOUTS,
     LR_SCALES,
     MMAP_CLI_FIELDS,
@@ -693,8 +694,10 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default="vit-b16",
-        choices=sorted(ARCHS),
-        help="CLIP architecture, built from its config (default vit-b16).",
+        choices=[*sorted(ARCHS), *FAMILY_ARCHS],
+        help="architecture, built from its config (default vit-b16): a CLIP one (every method's count) or "
+        + ", ".join(f"{arch} ({checkpoint}'s shapes)" for arch, checkpoint in FAMILY_ARCHS.items())
+        + " (MmAP's count next to CLIP ViT-B/16's).",
     )
     parser.add_argument("--tasks", type=positive_int, default=4, help="number of tasks (default 4).")
     parser.add_argument(
@@ -711,6 +714,15 @@ def run_params(args: argparse.Namespace) -> None:
 
     if args.groups > args.tasks:
         raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
+    if args.arch in FAMILY_ARCHS:
+        from .family_archs import family_table, mmap_counts
+
+        print(family_table(args.arch, args.tasks, args.groups))
+        if args.json is not None:
+            atomic_write_json(
+                args.json, {"arch": args.arch, "mmap": mmap_counts(args.arch, args.tasks, args.groups)}
+            )
+        return
     counts = count_method_parameters(args.arch, args.tasks, args.groups)
     print(markdown_table(args.arch, counts))
     if args.json is not None:
