@@ -310,6 +310,43 @@ def test_save_load_and_hub_round_trip_give_identical_logits(family, tmp_path):
             torch.testing.assert_close(loaded(**batch).logits_per_image, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_unload_gives_back_the_untouched_base_model_and_merging_is_refused(family):
+    batch = batch_for(family)
+    base = BUILDERS[family]().requires_grad_(False)
+    with torch.no_grad():
+        want = base(**batch).logits_per_image.clone()
+    model = randomised(get_peft_model(base, mmap_config()))
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        model.merge_and_unload()
+    unloaded = model.unload()
+    assert not any(isinstance(m, peft_mmap.MmAPLayer) for m in unloaded.modules())
+    with torch.no_grad():
+        assert torch.equal(unloaded(**batch).logits_per_image, want)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_per_call_adapters_and_mixed_routes_equal_set_adapter(family):
+    """``adapter_names=`` per call and per-sample vision routes give what ``set_adapter`` gives."""
+    batch = batch_for(family)
+    model = get_peft_model(BUILDERS[family](), mmap_config(), adapter_name="g")
+    for name in ("art", "prod"):
+        model.add_adapter(name, mmap_config())
+    randomised(model)
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        per_task = []
+        for task in ("art", "prod"):
+            model.base_model.set_adapter(["g", task])
+            per_task.append(model.get_image_features(**images).pooler_output)
+        expected = model(**batch).logits_per_image  # ["g", "prod"] active
+        model.base_model.set_adapter(["g", "art"])
+        torch.testing.assert_close(model(**batch, adapter_names=["g", "prod"]).logits_per_image, expected)
+        with model.base_model.adapter_routes([["g", "art"], ["g", "prod"]]):
+            mixed = model.get_image_features(**images).pooler_output
+    torch.testing.assert_close(mixed, torch.stack([per_task[0][0], per_task[1][1]]))
+
+
 # ---- the multi-task layer --------------------------------------------------------------------------------
 def siglip_style_tokenizer(tokenizer, folder: Path):
     """``tokenizer`` (the character-level CLIP tokenizer of the tests) configured as SigLIP's tokenizer is: no
@@ -412,3 +449,37 @@ def write_siglip_checkpoint(folder: Path, tokenizer) -> Path:
     processor = SiglipProcessor(SiglipImageProcessorPil(size={"height": 16, "width": 16}), tokenizer)
     processor.save_pretrained(folder)
     return folder
+
+
+def test_fixed_resolution_siglip2_pads_as_its_gemma_tokenizer_does():
+    """SigLIP 2 at fixed resolution is a ``SiglipModel`` with a Gemma tokenizer (``Siglip2Tokenizer``: left
+    padding, with an attention mask): class prompts are padded its way to the text tower's length, the mask is
+    passed on, and the logits are the model's own, with prompts too."""
+    from transformers import Siglip2Tokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab |= {c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz.-\u2581")}
+    tokenizer = Siglip2Tokenizer(vocab=vocab, merges=[])
+    base = make_siglip()
+    classifier = build_method("zeroshot", base, tokenizer, {"colours": ["red", "blue"]})
+    tokens = classifier.task_tokens("colours")
+    assert set(tokens) == {"input_ids", "attention_mask"} and tokens["input_ids"].shape[1] == TEXT_LENGTH
+    assert tokens["attention_mask"][:, 0].tolist() == [0, 0] and tokens["attention_mask"][:, -1].tolist() == [
+        1,
+        1,
+    ]
+    pixels = batch_for("siglip")["pixel_values"]
+    with torch.no_grad():
+        want = base(**tokens, pixel_values=pixels).logits_per_image
+        torch.testing.assert_close(
+            classifier(pixels, "colours"), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()
+        )
+    model = MultiTaskMmAP(make_siglip(), tokenizer, {"colours": ["red", "blue"]}, None, mmap_config())
+    randomised(model.peft_model).eval()
+    with torch.no_grad():
+        fast = model(pixels, "colours")
+        model.clear_cache()
+        with computing_prompt_rows():
+            full = model(pixels, "colours")
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
+    assert not torch.allclose(fast, want, atol=1e-3)
