@@ -84,5 +84,8 @@ MmAP's tokens per layer). ``mmap_all_rows`` is MmAP through transformers' own la
 outputs at the prompt positions that the next layer discards (`peft_mmap.prompting.computing_prompt_rows`):
 what the re-stated layer saves (skipped rows, prompt keys and values once per batch, the fused MLP)."""
 
+PERF_FAMILY_METHODS = ("mmap", "vpt_deep", "full_ft", "mmap_all_rows")
+"""The `PERF_METHODS` that ``peft-mmap perf`` times on the other families' sizes (`FAMILY_ARCHS`)."""
+
 PERF_ALL_ROWS = "mmap_all_rows"
 """The `PERF_METHODS` entry that runs under `peft_mmap.prompting.computing_prompt_rows`."""

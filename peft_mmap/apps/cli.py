@@ -34,6 +34,7 @@ from ..options import (
     LAYOUTS,
     LR_SCALES,
     MMAP_CLI_FIELDS,
+    PERF_FAMILY_METHODS,
     PERF_INFER_BATCHES,
     PERF_METHODS,
     PERF_PRECISIONS,
@@ -787,8 +788,10 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default="vit-b16",
-        choices=[*sorted(ARCHS), TINY_ARCH],
-        help="CLIP shapes (default vit-b16).",
+        choices=[*sorted(ARCHS), TINY_ARCH, *FAMILY_ARCHS],
+        help="CLIP shapes (default vit-b16), or another family's ("
+        + ", ".join(FAMILY_ARCHS)
+        + f": methods {', '.join(PERF_FAMILY_METHODS)}).",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
     parser.add_argument(
@@ -816,7 +819,8 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
-        help=f"comma-separated training methods (default all: {','.join(PERF_METHODS)}).",
+        help=f"comma-separated training methods (default all: {','.join(PERF_METHODS)}; on another family's "
+        f"--arch: {','.join(PERF_FAMILY_METHODS)}).",
     )
     parser.add_argument(
         "--peak-tflops", type=positive_float, help="device dense peak TFLOP/s for --precision (gives MFU)."
