@@ -37,8 +37,9 @@ def adapter_parameter_counts(peft_model: PeftModel) -> dict[str, int]:
     return counts
 
 
-def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", extra: str = "") -> str:
-    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes.
+def model_card(peft_model: PeftModel, title: str | None = None, extra: str = "") -> str:
+    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes; the
+    title defaults to "MmAP adapters for <family>" (CLIP, SigLIP, ...).
 
     The base model is named as the adapters' configs name it: the Hub id, the shipped tiny CLIP's portable
     name (`peft_mmap.base_models.TINY_CLIP_NAME`) or a local path; the front matter's ``base_model`` (which
@@ -59,8 +60,9 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
             f"| `{name}` | `{folder}` | {config.prompt_length} | {m}×{n} | "
             f"{config.depth or 'all'} | {counts[name]:,} |"
         )
-    family = model_family(peft_model.get_base_model()).name
-    tags = ["peft", "mmap", family, "prompt-tuning"]
+    family = model_family(peft_model.get_base_model())
+    title = title or f"MmAP adapters for {family.label}"
+    tags = ["peft", "mmap", family.name, "prompt-tuning"]
     front = ["---", "library_name: peft", "tags:", *(f"- {tag}" for tag in tags)]
     if base is not None and is_hub_id(base):
         front.append(f"base_model: {base}")

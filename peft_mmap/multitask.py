@@ -165,7 +165,10 @@ class MultiTaskMmAP(CLIPTaskClassifier):
                 for file in ADAPTER_FILES:
                     os.replace(staging / file, staging / "default" / file)
             save_model_card(
-                self.peft_model, staging, title="Multi-task MmAP adapters for CLIP", extra=self._card_extra()
+                self.peft_model,
+                staging,
+                title=f"Multi-task MmAP adapters for {self.family.label}",
+                extra=self._card_extra(),
             )
             atomic_write_json(staging / MANIFEST_NAME, self.manifest())
 

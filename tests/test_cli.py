@@ -388,7 +388,8 @@ def test_train_and_eval_on_a_tiny_siglip_folder_offline(workspace, tokenizer, tm
     manifest = json.loads((run / "adapters" / MANIFEST_NAME).read_text())
     assert manifest["base_model"] == str(model)
     assert {t["template"] for t in manifest["tasks"]} == {"This is a photo of {}."}
-    assert "- siglip" in (run / "adapters" / "README.md").read_text()
+    card = (run / "adapters" / "README.md").read_text()
+    assert "- siglip" in card and "# Multi-task MmAP adapters for SigLIP" in card
     capsys.readouterr()
     assert main(["eval", *data_args(workspace), "--adapters", str(run), "--batch-size", "4"]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["Task", "zeroshot", "mmap"]

@@ -194,6 +194,17 @@ def test_prompts_change_the_pooled_features_and_every_factor_gets_a_gradient(fam
     assert all(p.grad is None for name, p in model.named_parameters() if "mmap_" not in name)
 
 
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_every_factor_of_a_fresh_default_adapter_gets_a_gradient(family):
+    """The default init (text scales at one, vision scales at zero) trains every factor from the first step."""
+    model = get_peft_model(BUILDERS[family](), MmAPConfig(source_shape=(2, 8)))
+    text, image = features(model, batch_for(family))
+    (projection_loss(text) + projection_loss(image, seed=1)).backward()
+    for name, p in model.named_parameters():
+        if "mmap_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["siglip", "siglip2", "metaclip2"])
 def test_skipping_the_prompt_rows_computes_what_the_layers_compute(family, attn_implementation):
