@@ -4,8 +4,8 @@ Every method of the library (MmAP, zero-shot and the baselines) is a subclass: i
 task ``t`` by the cosine similarity of its image feature with the text features of ``t``'s class prompts
 (paper Eq. 5), scaled, plus the model's ``logit_bias`` where it has one (SigLIP): the model's own logits.
 The model's family (`peft_mmap.families`: CLIP, SigLIP, MetaCLIP 2) gives the default template and how
-class prompts are padded. Subclasses change how the two towers encode (prompts, adapters, fine-tuned weights); the
-trainer, evaluation and benchmark code only use the interface defined here.
+class prompts are padded. Subclasses change how the two towers encode (prompts, adapters, fine-tuned
+weights); the trainer, evaluation and benchmark code only use the interface defined here.
 """
 
 from __future__ import annotations

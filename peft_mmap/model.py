@@ -1,4 +1,5 @@
-"""`MmAPModel`: the PEFT tuner that injects MmAP prompts into CLIP's text and vision encoders."""
+"""`MmAPModel`: the PEFT tuner that injects MmAP prompts into the text and vision encoders of CLIP (and of
+SigLIP, SigLIP 2 and MetaCLIP 2: `peft_mmap.families`)."""
 
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def misfit(adapter_name: str) -> str:
 class MmAPModel(BaseTuner):
     """Injects Multi-modal Alignment Prompts into a transformers CLIP model.
 
-    Every ``CLIPEncoderLayer`` is wrapped by an `MmAPLayer`. Per adapter the tuner holds the source prompts
-    ``mmap_source[adapter]`` of shape ``(depth, m, n)``, shared by the two towers; each wrapped layer ``k <
-    depth`` holds its tower's scaling matrix. Several adapters can be active at once
+    Every ``CLIPEncoderLayer`` (or the encoder layer of another family) is wrapped by an `MmAPLayer`. Per
+    adapter the tuner holds the source prompts ``mmap_source[adapter]`` of shape ``(depth, m, n)``, shared by
+    the two towers; each wrapped layer ``k < depth`` holds its tower's scaling matrix. Several adapters can be active at once
     (``base_model.set_adapter(["group0", "art"])``): their prompts are concatenated in that order.
     """
 

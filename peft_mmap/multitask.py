@@ -210,7 +210,8 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         **hub_kwargs,
     ) -> MultiTaskMmAP:
         """Rebuild a saved model: ``base_model`` (a model reference, see `peft_mmap.base_models`, or a loaded
-        ``CLIPModel``, ``SiglipModel`` or ``MetaClip2Model``) plus a saved folder (or the ``peft-mmap train`` run folder holding it in ``adapters/``)
+        ``CLIPModel``, ``SiglipModel`` or ``MetaClip2Model``) plus a saved folder (or the ``peft-mmap train``
+        run folder holding it in ``adapters/``)
         or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
         manifest = read_manifest(folder)
