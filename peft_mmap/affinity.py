@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from .checks import is_positive_int
-from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs
+from .classifier import CLIPTaskClassifier, TaskSpec, as_task_specs, classifier_family
 from .config import MmAPConfig
 from .files import atomic_write, atomic_write_json
 from .multitask import MultiTaskMmAP
@@ -120,7 +120,7 @@ def task_affinity(
         raise ValueError(f"snapshots must be a positive integer, got {snapshots!r}.")
     if every is not None and not is_positive_int(every):
         raise ValueError(f"every must be None or a positive integer, got {every!r}.")
-    specs = as_task_specs(tasks)
+    specs = as_task_specs(tasks, classifier_family(clip).template)
     names = list(datasets)
     if sorted(names) != sorted(specs):
         raise ValueError(f"datasets cover tasks {sorted(names)} but the task specs are {sorted(specs)}.")

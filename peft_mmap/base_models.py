@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from transformers import CLIPModel
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,22 @@ def load_pretrained(cls: type[Loaded], reference: str | os.PathLike, **kwargs) -
     return cls.from_pretrained(source.name, **kwargs)
 
 
-def load_clip_model(reference: str | os.PathLike, **kwargs) -> CLIPModel:
-    """A ``CLIPModel`` from a model reference (see `load_pretrained`)."""
-    from transformers import CLIPModel
+#: ``from_pretrained`` arguments that say where files come from (also used to read a model's config).
+_HUB_KWARGS = ("local_files_only", "revision", "cache_dir", "token")
 
-    return load_pretrained(CLIPModel, reference, **kwargs)
+
+def load_clip_model(reference: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """The dual encoder of a model reference (see `load_pretrained`), of the model class its ``config.json``'s
+    type has in transformers' ``MODEL_MAPPING`` (what ``AutoModel`` picks): a ``CLIPModel``, ``SiglipModel``,
+    ``MetaClip2Model``, ...
+
+    Not ``AutoModel.from_pretrained`` itself: in transformers 5.25 its look-up of a PEFT adapter in the
+    repository ignores ``local_files_only`` and asks the Hub (with retries) even for a cached model.
+    """
+    from transformers import MODEL_MAPPING, AutoConfig
+
+    source = resolve_model(reference)
+    if source.local_files_only:
+        kwargs["local_files_only"] = True
+    config = AutoConfig.from_pretrained(source.name, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    return MODEL_MAPPING[type(config)].from_pretrained(source.name, config=config, **kwargs)

@@ -2,8 +2,10 @@
 
 Every method of the library (MmAP, zero-shot and the baselines) is a subclass: it classifies an image of
 task ``t`` by the cosine similarity of its image feature with the text features of ``t``'s class prompts
-(paper Eq. 5). Subclasses change how the two towers encode (prompts, adapters, fine-tuned weights); the
-trainer, evaluation and benchmark code only use the interface defined here.
+(paper Eq. 5), scaled, plus the model's ``logit_bias`` where it has one (SigLIP): the model's own logits.
+The model's family (`peft_mmap.families`: CLIP, SigLIP, MetaCLIP 2) gives the default template and how
+class prompts are padded. Subclasses change how the two towers encode (prompts, adapters, fine-tuned
+weights); the trainer, evaluation and benchmark code only use the interface defined here.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
 )
-from transformers import CLIPModel, CLIPProcessor, PreTrainedTokenizerBase
+from transformers import AutoProcessor, CLIPModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from .base_models import load_pretrained
+from .families import Family, model_family
 from .files import check_safe_name
 from .options import DEFAULT_TEMPLATE
 
@@ -122,10 +125,13 @@ def tokenize_with_placeholders(
     }
 
 
-def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[str, TaskSpec]:
-    """Normalise ``[TaskSpec, ...]`` or ``{name: classnames}`` to ``{name: TaskSpec}`` (names unique)."""
+def as_task_specs(
+    tasks: Sequence[TaskSpec] | dict[str, Sequence[str]], template: str = DEFAULT_TEMPLATE
+) -> dict[str, TaskSpec]:
+    """Normalise ``[TaskSpec, ...]`` or ``{name: classnames}`` to ``{name: TaskSpec}`` (names unique); tasks
+    given by their class names get ``template``."""
     if isinstance(tasks, dict):
-        specs = [c if isinstance(c, TaskSpec) else TaskSpec(n, list(c)) for n, c in tasks.items()]
+        specs = [c if isinstance(c, TaskSpec) else TaskSpec(n, list(c), template) for n, c in tasks.items()]
     else:
         specs = list(tasks)
     if not specs:
@@ -140,19 +146,20 @@ def as_task_specs(tasks: Sequence[TaskSpec] | dict[str, Sequence[str]]) -> dict[
     return by_name
 
 
-def load_clip_processor(model: str | os.PathLike, **kwargs) -> CLIPProcessor:
-    """``CLIPProcessor.from_pretrained(model)`` with the PIL image backend, chosen explicitly; ``model`` is a
-    model reference (see `peft_mmap.base_models.load_pretrained`).
+def load_clip_processor(model: str | os.PathLike, **kwargs) -> ProcessorMixin:
+    """The checkpoint's processor (``AutoProcessor.from_pretrained(model)``: a ``CLIPProcessor``,
+    ``SiglipProcessor``, ...) with the PIL image backend, chosen explicitly; ``model`` is a model reference
+    (see `peft_mmap.base_models.load_pretrained`).
 
     transformers (>= 5.4) otherwise picks torchvision when it is installed and PIL when it is not, so the
     pixel values, and every accuracy, would depend on what else is installed. PIL matches the original CLIP
     preprocessing (a PIL bicubic resize) and is the backend the shipped tiny CLIP was trained with.
     """
-    return load_pretrained(CLIPProcessor, model, backend="pil", **kwargs)
+    return load_pretrained(AutoProcessor, model, backend="pil", **kwargs)
 
 
 class CLIPTaskClassifier(nn.Module):
-    """CLIP classifying images of named tasks against their class prompts.
+    """A dual encoder (CLIP, SigLIP, MetaCLIP 2) classifying images of named tasks against their class prompts.
 
     ``forward(pixel_values, task)`` returns logits ``(B, C_task)`` for one task name, or ``(B, C_max)`` for a
     list of one task per sample (columns past a sample's own class count are ``-inf``). Class text features
@@ -162,9 +169,12 @@ class CLIPTaskClassifier(nn.Module):
     bypassed entirely in training mode.
 
     Args:
-        clip: a transformers ``CLIPModel`` (possibly inside a PEFT model; see `clip_model`).
-        tokenizer: the checkpoint's CLIP tokenizer.
-        tasks: the tasks this classifier serves.
+        clip: a transformers ``CLIPModel``, ``SiglipModel`` or ``MetaClip2Model`` (possibly inside a PEFT
+            model; see `clip_model`). SigLIP 2's NaFlex ``Siglip2Model`` is refused (its images are patch
+            sequences); its fixed-resolution checkpoints are ``SiglipModel``s.
+        tokenizer: the checkpoint's tokenizer.
+        tasks: the tasks this classifier serves; tasks given as ``{name: classnames}`` get the family's
+            template (`peft_mmap.families.Family.template`).
     """
 
     def __init__(
@@ -174,9 +184,10 @@ class CLIPTaskClassifier(nn.Module):
         tasks: Sequence[TaskSpec] | dict[str, Sequence[str]],
     ) -> None:
         super().__init__()
+        self.family: Family = classifier_family(clip)
         self.clip = clip
         self.tokenizer = tokenizer
-        self.tasks = as_task_specs(tasks)
+        self.tasks = as_task_specs(tasks, self.family.template)
         self._tokens: dict[str, dict[str, torch.Tensor]] = {}
         self._text_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._watched: tuple[int, list[nn.Parameter]] = (-1, [])
@@ -224,9 +235,12 @@ class CLIPTaskClassifier(nn.Module):
 
     def tokenize_task(self, task: str) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``(C, L)`` of ``task``'s class prompts, which `task_tokens`
-        caches. Default: the spec's prompts padded to the longest prompt (not 77)."""
-        encoded = self.tokenizer(self.check_task(task).prompts, padding="longest", return_tensors="pt")
-        return {k: encoded[k] for k in ("input_ids", "attention_mask")}
+        caches. Default: padded as the family's processor pads (CLIP: to the longest prompt, not 77; SigLIP: to
+        the text tower's 64 positions), with the attention mask only where the tokenizer gives one (SigLIP's
+        does not: its text tower was trained attending to the padding)."""
+        padding = self.family.text_padding(self.clip_model.config.text_config.max_position_embeddings)
+        encoded = self.tokenizer(self.check_task(task).prompts, return_tensors="pt", **padding)
+        return {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
 
     def task_tokens(self, task: str) -> dict[str, torch.Tensor]:
         """Tokenized class prompts of ``task`` (`tokenize_task`), cached, on the model's device: ``(C, L)`` each."""
@@ -241,6 +255,19 @@ class CLIPTaskClassifier(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip_model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """The model's logit bias (SigLIP's, added after the scale), or ``None`` (CLIP, MetaCLIP 2)."""
+        return getattr(self.clip_model, "logit_bias", None)
+
+    def _logits(self, scale: torch.Tensor, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``(B, C)`` from normalised image ``(B, D)`` and text ``(C, D)`` features:
+        ``scale * cos`` (+ ``logit_bias``). Cross-entropy over a task's classes and the ranking of classes are
+        the same with or without the bias (one constant per row)."""
+        logits = scale * images @ text.t()
+        bias = self.logit_bias
+        return logits if bias is None else logits + bias
 
     def _cache_key(self, task: str) -> tuple:
         registrations, params = self._watched
@@ -295,7 +322,7 @@ class CLIPTaskClassifier(nn.Module):
             with self.for_task(task):
                 text = self._text_features(task)
                 images = F.normalize(self.encode_images(pixel_values, task), dim=-1)
-            return scale * images @ text.t()
+            return self._logits(scale, images, text)
         tasks = list(task)
         if len(tasks) != pixel_values.shape[0]:
             raise ValueError(f"Got {len(tasks)} task names for a batch of {pixel_values.shape[0]} images.")
@@ -310,10 +337,31 @@ class CLIPTaskClassifier(nn.Module):
             rows = torch.tensor([i for i, name in enumerate(tasks) if name == t], device=images.device)
             logits = logits.index_put(
                 (rows[:, None], torch.arange(text.shape[0], device=images.device)),
-                scale * images[rows] @ text.t(),
+                self._logits(scale, images[rows], text),
             )
         return logits
 
     def trainable_parameter_count(self) -> int:
         """Parameters that training updates."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def classifier_family(clip: nn.Module) -> Family:
+    """The family of ``clip`` (`peft_mmap.families.model_family`), refusing what a classifier cannot serve: a
+    single tower, or SigLIP 2's NaFlex ``Siglip2Model``, whose images are patch sequences with
+    ``pixel_attention_mask`` and ``spatial_shapes`` rather than ``(B, 3, H, W)`` pixels."""
+    family = model_family(clip)
+    model = clip.get_base_model() if hasattr(clip, "get_base_model") else clip
+    if family.patch_inputs:
+        raise ValueError(
+            f"{type(model).__name__} ({family.label}) takes images as patch sequences with "
+            "pixel_attention_mask and spatial_shapes; the task classifiers, trainer and CLI take fixed-size "
+            "images. Use a fixed-resolution SigLIP 2 checkpoint (a SiglipModel, e.g. "
+            "google/siglip2-base-patch16-256), or the PEFT method directly (get_peft_model supports it)."
+        )
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise ValueError(
+            f"A task classifier needs both towers of a dual encoder (e.g. CLIPModel, SiglipModel, "
+            f"MetaClip2Model); got {type(model).__name__}."
+        )
+    return family

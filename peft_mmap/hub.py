@@ -10,6 +10,7 @@ from huggingface_hub import HfApi
 from peft import PeftModel
 
 from .base_models import TINY_CLIP_NAME, is_hub_id, portable_model_name
+from .families import model_family
 from .files import atomic_write_text
 from .model import MmAPModel
 
@@ -36,8 +37,9 @@ def adapter_parameter_counts(peft_model: PeftModel) -> dict[str, int]:
     return counts
 
 
-def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", extra: str = "") -> str:
-    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes.
+def model_card(peft_model: PeftModel, title: str | None = None, extra: str = "") -> str:
+    """A Hub model card (YAML front matter + Markdown) naming the base model, adapters and their sizes; the
+    title defaults to "MmAP adapters for <family>" (CLIP, SigLIP, ...).
 
     The base model is named as the adapters' configs name it: the Hub id, the shipped tiny CLIP's portable
     name (`peft_mmap.base_models.TINY_CLIP_NAME`) or a local path; the front matter's ``base_model`` (which
@@ -48,7 +50,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
     if base == TINY_CLIP_NAME:
         load_base = f'clip = peft_mmap.load_clip_model("{base}")'
     else:
-        load_base = f'clip = CLIPModel.from_pretrained("{base_name}")'
+        load_base = f'clip = AutoModel.from_pretrained("{base_name}")'
     counts = adapter_parameter_counts(peft_model)
     rows = []
     for name, config in peft_model.peft_config.items():
@@ -58,7 +60,10 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
             f"| `{name}` | `{folder}` | {config.prompt_length} | {m}×{n} | "
             f"{config.depth or 'all'} | {config.text_placement} | {counts[name]:,} |"
         )
-    front = ["---", "library_name: peft", "tags:", "- peft", "- mmap", "- clip", "- prompt-tuning"]
+    family = model_family(peft_model.get_base_model())
+    title = title or f"MmAP adapters for {family.label}"
+    tags = ["peft", "mmap", family.name, "prompt-tuning"]
+    front = ["---", "library_name: peft", "tags:", *(f"- {tag}" for tag in tags)]
     if base is not None and is_hub_id(base):
         front.append(f"base_model: {base}")
     front.append("---")
@@ -83,7 +88,7 @@ def model_card(peft_model: PeftModel, title: str = "MmAP adapters for CLIP", ext
         "```python",
         "import peft_mmap  # registers the MMAP method with peft",
         "from peft import PeftModel",
-        "from transformers import CLIPModel",
+        "from transformers import AutoModel",
         "",
         load_base,
         'model = PeftModel.from_pretrained(clip, "<repo>", subfolder="<adapter>", adapter_name="<adapter>")',

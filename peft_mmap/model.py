@@ -1,4 +1,5 @@
-"""`MmAPModel`: the PEFT tuner that injects MmAP prompts into CLIP's text and vision encoders."""
+"""`MmAPModel`: the PEFT tuner that injects MmAP prompts into the text and vision encoders of CLIP (and of
+SigLIP, SigLIP 2 and MetaCLIP 2: `peft_mmap.families`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import ClassVar
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
-from transformers import CLIPTextModel, CLIPVisionModel
 
 from .config import CLIP_ENCODER_LAYERS, TOWERS, MmAPConfig
+from .families import model_family, tower_family
 from .files import check_safe_name, check_state_dict
 from .layer import MmAPLayer, MmAPSharedState, RouteSlot
 from .prompting import Tower, prompt_depth
@@ -34,17 +35,15 @@ class TowerInfo:
 
 
 def find_towers(model: nn.Module) -> dict[str, TowerInfo]:
-    """The CLIP towers of ``model`` by module path (``CLIPModel`` has two, single-tower models one)."""
+    """The towers of ``model`` by module path (a dual encoder has two, single-tower models one), for every
+    family of `peft_mmap.families` (CLIP, SigLIP, SigLIP 2, MetaCLIP 2), detected from their classes."""
+    model_family(model)  # one supported family, or a clear error
     towers = {}
     for path, module in model.named_modules():
-        if isinstance(module, (CLIPTextModel, CLIPVisionModel)):
-            tower: Tower = "text" if isinstance(module, CLIPTextModel) else "vision"
+        found = tower_family(module)
+        if found is not None:
+            tower: Tower = found[1]
             towers[path] = TowerInfo(path, tower, module.config.hidden_size, module.config.num_hidden_layers)
-    if not towers:
-        raise ValueError(
-            f"MmAP needs a transformers CLIP model (CLIPModel, CLIPTextModel[WithProjection] or "
-            f"CLIPVisionModel[WithProjection]); found no CLIP encoder in {type(model).__name__}."
-        )
     return towers
 
 
@@ -138,15 +137,17 @@ def misfit(adapter_name: str) -> str:
 class MmAPModel(BaseTuner):
     """Injects Multi-modal Alignment Prompts into a transformers CLIP model.
 
-    Every ``CLIPEncoderLayer`` is wrapped by an `MmAPLayer`. Per adapter the tuner holds the source prompts
-    ``mmap_source[adapter]`` of shape ``(depth, m, n)``, shared by the two towers; each wrapped layer ``k <
-    depth`` holds its tower's scaling matrix. Several adapters can be active at once
+    Every ``CLIPEncoderLayer`` (or the encoder layer of another family) is wrapped by an `MmAPLayer`. Per
+    adapter the tuner holds the source prompts ``mmap_source[adapter]`` of shape ``(depth, m, n)``, shared by
+    the two towers; each wrapped layer ``k < depth`` holds its tower's scaling matrix. Several adapters can be active at once
     (``base_model.set_adapter(["group0", "art"])``): their prompts are concatenated in that order.
     """
 
     prefix = "mmap_"
     tuner_layer_cls = MmAPLayer
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {"clip": [CLIP_ENCODER_LAYERS]}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {
+        model_type: [CLIP_ENCODER_LAYERS] for model_type in ("clip", "siglip", "siglip2", "metaclip_2")
+    }
     uses_shared_state = True
 
     def _pre_injection_hook(self, model: nn.Module, config: MmAPConfig, adapter_name: str) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import set_peft_model_state_dict
-from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
+from torch import nn
+from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from ._version import __version__
 from .base_models import load_clip_model, load_pretrained, portable_model_name
@@ -20,6 +21,7 @@ from .classifier import (
     CLIPTaskClassifier,
     TaskSpec,
     as_task_specs,
+    classifier_family,
     context_template,
     load_clip_processor,
     tokenize_with_placeholders,
@@ -56,9 +58,10 @@ class MultiTaskMmAP(CLIPTaskClassifier):
     its tasks (Eq. 11) and a task adapter only its own (Eq. 12).
 
     Args:
-        clip: a transformers ``CLIPModel`` (it is wrapped with PEFT in place).
+        clip: a transformers ``CLIPModel``, ``SiglipModel`` or ``MetaClip2Model`` (it is wrapped with PEFT in
+            place).
         tokenizer: its tokenizer.
-        tasks: task specs (or ``{name: classnames}``).
+        tasks: task specs (or ``{name: classnames}``, which get the family's template).
         groups: a partition of the task names; ``None`` = no group adapters (task adapters only).
         config: MmAP config used for every adapter.
         task_adapters: give each task its own adapter (``False``: group adapters only).
@@ -76,7 +79,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         task_adapters: bool = True,
         base_model_id: str | None = None,
     ) -> None:
-        specs = as_task_specs(tasks)
+        specs = as_task_specs(tasks, classifier_family(clip).template)
         self.groups = check_groups(groups, list(specs))
         if not self.groups and not task_adapters:
             raise ValueError("MultiTaskMmAP needs group adapters, task adapters or both.")
@@ -139,6 +142,12 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         adapters) take the place of the template's words before ``{}`` (CoOp's and MaPLe's class prompt)."""
         if self.config.text_placement == "insert":
             return super().tokenize_task(task)
+        if self.family.pad_to_max_length:
+            raise ValueError(
+                f"text_placement='replace' puts the text prompts at CLIP's context positions 1..T after the start "
+                f"token; {self.family.label}'s text tower has no start token and pools its last padded position: "
+                "use text_placement='insert'."
+            )
         spec = self.check_task(task)
         texts = TaskSpec(spec.name, spec.classnames, context_template(spec.template)).prompts
         count = self.config.prompt_length * len(self._adapters_of[task])
@@ -185,7 +194,10 @@ class MultiTaskMmAP(CLIPTaskClassifier):
                 for file in ADAPTER_FILES:
                     os.replace(staging / file, staging / "default" / file)
             save_model_card(
-                self.peft_model, staging, title="Multi-task MmAP adapters for CLIP", extra=self._card_extra()
+                self.peft_model,
+                staging,
+                title=f"Multi-task MmAP adapters for {self.family.label}",
+                extra=self._card_extra(),
             )
             atomic_write_json(staging / MANIFEST_NAME, self.manifest())
 
@@ -221,22 +233,24 @@ class MultiTaskMmAP(CLIPTaskClassifier):
     @classmethod
     def from_pretrained(
         cls,
-        base_model: str | os.PathLike | CLIPModel,
+        base_model: str | os.PathLike | nn.Module,
         adapters: str | os.PathLike,
         tokenizer: PreTrainedTokenizerBase | None = None,
         **hub_kwargs,
     ) -> MultiTaskMmAP:
-        """Rebuild a saved model: ``base_model`` (a model reference, see `peft_mmap.base_models`, or a
-        ``CLIPModel``) plus a saved folder (or the ``peft-mmap train`` run folder holding it in ``adapters/``)
+        """Rebuild a saved model: ``base_model`` (a model reference, see `peft_mmap.base_models`, or a loaded
+        ``CLIPModel``, ``SiglipModel`` or ``MetaClip2Model``) plus a saved folder (or the ``peft-mmap train``
+        run folder holding it in ``adapters/``)
         or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
         manifest = read_manifest(folder)
-        if isinstance(base_model, CLIPModel):
+        if isinstance(base_model, nn.Module):
             clip = base_model
             base_id = manifest["base_model"]
         elif not isinstance(base_model, (str, os.PathLike)):
             raise TypeError(
-                f"base_model: expected a CLIPModel, a hub id or a folder, got {type(base_model).__name__}."
+                f"base_model: expected a loaded model (e.g. CLIPModel), a hub id or a folder, got "
+                f"{type(base_model).__name__}."
             )
         else:
             clip = load_clip_model(base_model)
@@ -244,7 +258,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         if tokenizer is None:
             if not base_id:
                 raise ValueError("The manifest names no base model: pass `tokenizer=` explicitly.")
-            tokenizer = load_pretrained(CLIPTokenizer, base_id)
+            tokenizer = load_pretrained(AutoTokenizer, base_id)
         # The base sizes the adapters were saved for: a CLIP of other sizes is refused before it is wrapped.
         config_path = folder / manifest["adapters"][0] / ADAPTER_FILES[0]
         saved = read_json(config_path, "MmAP adapter config")
@@ -281,6 +295,7 @@ class MultiTaskMmAP(CLIPTaskClassifier):
             set_peft_model_state_dict(self.peft_model, tensors, adapter_name=name)
         self.clear_cache()
 
-    def processor(self) -> CLIPProcessor:
-        """A ``CLIPProcessor`` for the base model (image preprocessing identical to the checkpoint's)."""
+    def processor(self) -> ProcessorMixin:
+        """The base model's processor (``CLIPProcessor``, ``SiglipProcessor``, ...: image preprocessing
+        identical to the checkpoint's)."""
         return load_clip_processor(self.base_model_id)

@@ -7,7 +7,10 @@ modules that use them import them from here, so each value is written once.
 from __future__ import annotations
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-"""Class-prompt template of a task (`peft_mmap.classifier.TaskSpec`)."""
+"""Class-prompt template of a task (`peft_mmap.classifier.TaskSpec`), and the default of CLIP and MetaCLIP 2."""
+
+SIGLIP_TEMPLATE = "This is a photo of {}."
+"""The default class-prompt template of SigLIP and SigLIP 2 (their model cards' zero-shot template)."""
 
 LAYOUTS = ("generic", "officehome", "domainnet")
 """Dataset folder layouts (`peft_mmap.data.load_task_folders`)."""
@@ -55,6 +58,14 @@ ARCHS: dict[str, tuple[int, int, int, int, int, int, int]] = {
 vision heads, patch size, projection dim); text: 12 layers, 77 positions, 49408 tokens; images 224 px
 (`peft_mmap.apps.params.clip_config`)."""
 
+FAMILY_ARCHS: dict[str, str] = {
+    "siglip-b16-224": "google/siglip-base-patch16-224",
+    "siglip2-b16-256": "google/siglip2-base-patch16-256",
+    "metaclip2-b16": "facebook/metaclip-2-worldwide-b16",
+}
+"""Standard sizes of the other families (``peft-mmap params --arch``), each with the checkpoint whose shapes it
+has (`peft_mmap.apps.family_archs.family_config`)."""
+
 TINY_ARCH = "tiny"
 """``peft-mmap perf --arch tiny``: 2 layers of width 64 per tower, 32 px images."""
 
@@ -86,6 +97,9 @@ PERF_METHODS: dict[str, tuple[str, dict]] = {
 MmAP's tokens per layer). ``mmap_all_rows`` is MmAP through transformers' own layers, computing the layer
 outputs at the prompt positions that the next layer discards (`peft_mmap.prompting.computing_prompt_rows`):
 what the re-stated layer saves (skipped rows, prompt keys and values once per batch, the fused MLP)."""
+
+PERF_FAMILY_METHODS = ("mmap", "vpt_deep", "full_ft", "mmap_all_rows")
+"""The `PERF_METHODS` that ``peft-mmap perf`` times on the other families' sizes (`FAMILY_ARCHS`)."""
 
 PERF_ALL_ROWS = "mmap_all_rows"
 """The `PERF_METHODS` entry that runs under `peft_mmap.prompting.computing_prompt_rows`."""

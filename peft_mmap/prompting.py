@@ -1,7 +1,11 @@
 """Prompt slots: the sequence surgery that puts deep prompts into any CLIP encoder layer.
 
 `forward_with_prompt_slots` runs one ``CLIPEncoderLayer`` with prompt *slots* spliced in after position 0
-(CLS for vision, SOS for text), and `expand_attention_mask` gives the text mask the prompt positions. It is
+(CLS for vision, SOS for text), and `expand_attention_mask` gives the text mask the prompt positions. The
+encoder layers of SigLIP, SigLIP 2 and MetaCLIP 2 are run the same way (`peft_mmap.families`); SigLIP's
+towers have no CLS or SOS and pool the last text position or every patch (attention-pooling head), and
+attend bidirectionally, so there the prompts' place in the sequence changes nothing but keeps the last
+position last. It is
 used by `peft_mmap.layer.MmAPLayer` (slots of MmAP adapters) and by `DeepPromptLayer`, which asks a
 callback for the slots (the prompt baselines). At every layer:
 
@@ -46,12 +50,9 @@ from torch import nn
 from transformers import CLIPConfig
 from transformers.activations import QuickGELUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.clip.modeling_clip import (
-    CLIPMLP,
-    CLIPAttention,
-    CLIPEncoderLayer,
-    eager_attention_forward,
-)
+from transformers.models.clip.modeling_clip import CLIPMLP, eager_attention_forward
+
+from .families import ENCODER_LAYERS
 
 Tower = Literal["text", "vision"]
 
@@ -61,23 +62,30 @@ Tower = Literal["text", "vision"]
 PromptSlot = tuple[torch.Tensor | None, int]
 
 
-def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.Tensor | None:
-    """Insert ``num_prompts`` tokens after position 0 of a (causal) text attention mask.
+def expand_attention_mask(
+    mask: torch.Tensor | None, num_prompts: int, causal: bool = True
+) -> torch.Tensor | None:
+    """Insert ``num_prompts`` tokens after position 0 of an attention mask.
 
-    The prompt tokens behave like tokens sitting between SOS and the first word: they attend to SOS and to
-    earlier prompts; every later token attends to them; they are never padding. Works for ``None``, 2-D
-    ``(B, L)`` padding masks and 4-D ``(B, 1, Lq, L)`` boolean or additive float masks (values for "allowed" and
-    "blocked" are read from the mask itself, so dtype and convention are kept).
+    ``causal`` (a CLIP text mask): the prompt tokens behave like tokens sitting between SOS and the first
+    word: they attend to SOS and to earlier prompts; every later token attends to them. Not ``causal`` (a
+    bidirectional key-padding mask: SigLIP's text tower, SigLIP 2's NaFlex patches): every query sees the
+    prompts, and the prompts see every key that the first query sees (such a mask is the same for every query
+    row). Prompts are never padding. Works for ``None``, 2-D ``(B, L)`` padding masks and 4-D ``(B, 1, Lq, L)``
+    boolean or additive float masks (values for "allowed" and "blocked" are read from the mask itself, so
+    dtype and convention are kept).
 
     Returns ``None`` or a mask of the same kind over ``L + num_prompts`` positions.
     """
     if mask is None or num_prompts == 0:
         return mask
     if mask.dim() == 2:  # (B, L) padding mask: prompts are real tokens.
-        ones = mask[:, :1].expand(-1, num_prompts)
+        ones = torch.ones_like(mask[:, :1]).expand(-1, num_prompts)
         return torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
     if mask.dim() != 4:
         raise ValueError(f"Unsupported attention mask of shape {tuple(mask.shape)}: expected 2-D or 4-D.")
+    if not causal:
+        return _expand_key_padding_mask(mask, num_prompts)
     # Columns: prompts are keys that every row after SOS may see, like token 1 in a causal mask.
     prompt_cols = mask[..., 1:2].expand(*mask.shape[:-1], num_prompts)
     mask = torch.cat([mask[..., :1], prompt_cols, mask[..., 1:]], dim=-1)
@@ -96,6 +104,21 @@ def expand_attention_mask(mask: torch.Tensor | None, num_prompts: int) -> torch.
         ],
         dim=-1,
     )
+    return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
+
+
+def _expand_key_padding_mask(mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """A 4-D bidirectional mask ``(B, 1, Lq, L)`` with ``num_prompts`` allowed keys after position 0 and, when
+    it has query rows, as many prompt query rows seeing what row 0 sees (and the prompts)."""
+    if mask.dtype == torch.bool:
+        allowed = torch.ones((), dtype=torch.bool, device=mask.device)
+    else:  # additive: 0 where allowed
+        allowed = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    prompt_cols = allowed.expand(*mask.shape[:-1], num_prompts)
+    mask = torch.cat([mask[..., :1], prompt_cols, mask[..., 1:]], dim=-1)
+    if mask.shape[-2] == 1:  # (B, 1, 1, L) key-only mask: no rows to add.
+        return mask
+    prompt_rows = mask[..., :1, :].expand(*mask.shape[:-2], num_prompts, -1)
     return torch.cat([mask[..., :1, :], prompt_rows, mask[..., 1:, :]], dim=-2)
 
 
@@ -164,7 +187,11 @@ def forward_with_prompt_slots(
         offset += length
     prompts = _join_prompt_pieces(pieces, batch)
     sequence = _without_rows(hidden_states, rows) if has_prompt_rows else hidden_states
-    mask = attention_mask if replace_rows else expand_attention_mask(attention_mask, total)
+    mask = (
+        attention_mask
+        if replace_rows
+        else expand_attention_mask(attention_mask, total, causal=bool(kwargs.get("is_causal")))
+    )
     last = layer_index == num_layers - 1
     if (last and not replace_rows) or (not last and skip and next_layer_replaces):
         if skip and _can_skip_rows(base_layer, mask, kwargs):
@@ -234,15 +261,18 @@ def _without_rows(tensor: torch.Tensor, rows: slice, dim: int = 1) -> torch.Tens
 def _can_skip_rows(layer: nn.Module, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
     """Whether `forward_keeping_sequence_rows` computes exactly what ``layer(hidden, mask, **kwargs)`` does.
 
-    It re-states transformers' ``CLIPEncoderLayer``/``CLIPAttention`` forward, so it is used only where those
-    classes run their own forward (`_runs_own_forward`), without gradient checkpointing (which their own call
-    applies), with eager or sdpa attention, a ``None`` or 4-D mask, and no attention maps or hidden states being
-    recorded (they would miss the skipped rows).
+    It re-states transformers' ``CLIPEncoderLayer``/``CLIPAttention`` forward, which the encoder layers of every
+    supported family share (`peft_mmap.families.ENCODER_LAYERS`: pre-norm attention with ``q/k/v/out_proj``,
+    then a pre-norm MLP), so it is used only where those classes run their own forward (`_runs_own_forward`),
+    without gradient checkpointing (which their own call applies), with eager or sdpa attention, a ``None`` or
+    4-D mask, and no attention maps or hidden states being recorded (they would miss the skipped rows).
     """
     attn = getattr(layer, "self_attn", None)
+    attention_cls = ENCODER_LAYERS.get(type(layer))
     return (
-        _runs_own_forward(layer, CLIPEncoderLayer)
-        and _runs_own_forward(attn, CLIPAttention)
+        attention_cls is not None
+        and _runs_own_forward(layer, type(layer))
+        and _runs_own_forward(attn, attention_cls)
         and not getattr(layer, "gradient_checkpointing", False)
         and attn.config._attn_implementation in ("eager", "sdpa")
         and (mask is None or mask.dim() == 4)

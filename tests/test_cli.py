@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import CLOSED_PORT_ENDPOINT, hub_env, unanswered_hub
 from conftest import WORKSPACE_TASKS as TASKS
+from test_families import write_siglip_checkpoint
 
 from peft_mmap.apps.cli import BEST, SUBCOMMANDS, build_parser, main, num_groups_for, train_summary
 from peft_mmap.base_models import TINY_CLIP_NAME
@@ -468,3 +469,32 @@ def test_preset_runs_record_the_preset_and_the_sizes(workspace, tmp_path):
     assert record["overrides"]["train.lr"] == {"preset": 0.0035, "used": 0.01} and record["train"]["augment"]
     config = json.loads((tmp_path / "run" / "adapters" / "group0" / "adapter_config.json").read_text())
     assert config["text_placement"] == "replace"
+
+
+def test_train_and_eval_on_a_tiny_siglip_folder_offline(workspace, tokenizer, tmp_path, capsys):
+    """``--model`` takes a SigLIP checkpoint folder: its family is read from the model, its template is the
+    default and is recorded in the manifest, and eval runs zero-shot SigLIP next to the adapters."""
+    model = write_siglip_checkpoint(tmp_path / "siglip", tokenizer)
+    run = tmp_path / "run"
+    quick = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--groups-inline",
+        "art,clipart;product",
+    ]
+    argv = ["train", *common(workspace), *quick, "--output", str(run)]
+    assert main([*argv[:2], str(model), *argv[3:]]) == 0
+    manifest = json.loads((run / "adapters" / MANIFEST_NAME).read_text())
+    assert manifest["base_model"] == str(model)
+    assert {t["template"] for t in manifest["tasks"]} == {"This is a photo of {}."}
+    card = (run / "adapters" / "README.md").read_text()
+    assert "- siglip" in card and "# Multi-task MmAP adapters for SigLIP" in card
+    capsys.readouterr()
+    assert main(["eval", *data_args(workspace), "--adapters", str(run), "--batch-size", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["Task", "zeroshot", "mmap"]
+    results = json.loads((run / "adapters" / "results.json").read_text())
+    assert set(results["methods"]["mmap"]["tasks"]) == set(TASKS)

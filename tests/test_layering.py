@@ -35,6 +35,7 @@ LAYERS = {
     "peft_mmap.config": METHOD,
     "peft_mmap.layer": METHOD,
     "peft_mmap.prompting": METHOD,
+    "peft_mmap.families": METHOD,
     "peft_mmap.model": METHOD,
     "peft_mmap.registration": METHOD,
     "peft_mmap.hub": METHOD,

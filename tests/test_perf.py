@@ -29,6 +29,7 @@ from peft_mmap.apps.perf import (
     priced_ms,
     quartiles,
     ratio_spread,
+    run_benchmark,
     run_perf,
     saved_tensor_bytes,
     word_tokenizer,
@@ -189,6 +190,24 @@ def test_word_tokenizer_gives_one_token_per_word_and_clip_special_ids():
     assert tokens["input_ids"][:, 0].tolist() == [sos, sos]
     assert tokens["input_ids"][0, -1] == eos and tokens["input_ids"][1, 7] == eos
     assert tokens["attention_mask"].sum(1).tolist() == [9, 8]
+
+
+def test_word_tokenizer_on_siglip_shapes_adds_no_start_token_and_keeps_words_off_special_ids():
+    config = perf_clip_config("siglip-b16-224")
+    eos = config.text_config.eos_token_id
+    assert config.text_config.bos_token_id is None and eos == 1  # SigLIP's "</s>" ends and pads
+    tokenizer = word_tokenizer([f"this is a photo of {c}." for c in OFFICE_HOME_CLASSES], config)
+    tokens = tokenizer(["this is a photo of mug."], padding="max_length", max_length=10, return_tensors="pt")
+    ids = tokens["input_ids"][0].tolist()
+    assert ids[7:] == [eos] * 3  # this is a photo of mug . </s> + padding
+    assert eos not in ids[:7] and len(set(ids[:7])) == 7
+
+
+def test_perf_on_another_family_refuses_the_clip_only_baselines():
+    with pytest.raises(
+        ValueError, match=r"Unknown perf methods \['coop'\] for --arch siglip-b16-224.*CoOp and MaPLe"
+    ):
+        run_benchmark("siglip-b16-224", methods=["mmap", "coop"])
 
 
 def test_saved_tensor_bytes_counts_activations_but_not_parameters():

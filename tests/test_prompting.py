@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from peft_mmap.apps.perf import saved_tensor_bytes
-from peft_mmap.prompting import clip_mlp, computing_prompt_rows
+from peft_mmap.prompting import clip_mlp, computing_prompt_rows, expand_attention_mask
 
 
 def _step(model, batch, **kwargs):
@@ -174,3 +174,24 @@ def test_clip_mlp_runs_a_hooked_or_replaced_mlp_as_it_is():
     mlp = _clip_mlp()
     mlp.forward = lambda x: x + 1
     torch.testing.assert_close(clip_mlp(mlp, states), states + 1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_bidirectional_mask_gets_prompts_as_real_tokens_seen_by_every_query(attn):
+    """A bidirectional key-padding mask (SigLIP's text tower, SigLIP 2's NaFlex patches) with prompts inserted
+    after position 0 is transformers' own mask of the longer sequence in which the prompts are real tokens."""
+    from transformers import SiglipTextConfig
+    from transformers.masking_utils import create_bidirectional_mask
+
+    config = SiglipTextConfig(hidden_size=8, num_attention_heads=2)
+    config._attn_implementation = attn
+    padding = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])  # right and left padding
+    prompts = 3
+
+    def mask(padding: torch.Tensor) -> torch.Tensor:
+        embeds = torch.zeros(*padding.shape, 8)
+        return create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=padding)
+
+    longer = torch.cat([padding[:, :1], torch.ones(2, prompts, dtype=torch.long), padding[:, 1:]], dim=1)
+    assert torch.equal(expand_attention_mask(mask(padding), prompts, causal=False), mask(longer))
+    assert torch.equal(expand_attention_mask(padding, prompts, causal=False), longer)

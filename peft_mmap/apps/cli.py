@@ -30,14 +30,17 @@ from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
     DEFAULT_TEMPLATE,
+    FAMILY_ARCHS,
     LAYOUTS,
     LR_SCALES,
     MMAP_CLI_FIELDS,
+    PERF_FAMILY_METHODS,
     PERF_INFER_BATCHES,
     PERF_METHODS,
     PERF_PRECISIONS,
     PROTOCOLS,
     SCALE_INITS,
+    SIGLIP_TEMPLATE,
     TEXT_PLACEMENT_HELP,
     TEXT_PLACEMENTS,
     TINY_ARCH,
@@ -48,6 +51,7 @@ from .argtypes import fraction, non_negative_float, non_negative_int, positive_f
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import CLIPModel, CLIPProcessor
 
     from ..classifier import TaskSpec
@@ -121,7 +125,7 @@ def check_model(text: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"{text!r} is a folder without config.json; expected a CLIPModel saved with save_pretrained."
+                f"{text!r} is a folder without config.json; expected a model saved with save_pretrained."
             )
         return str(path)
     if path.exists():
@@ -153,8 +157,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
         "--model",
         type=model_id,
         required=required,
-        help="CLIP checkpoint: hub id (e.g. openai/clip-vit-base-patch16), local folder with CLIPModel + "
-        f"CLIPProcessor, or {TINY_CLIP_NAME} (the tiny CLIP shipped in the package).",
+        help="dual-encoder checkpoint (CLIP, SigLIP, SigLIP 2 at fixed resolution, MetaCLIP 2; the family is "
+        "read from its config): hub id (e.g. openai/clip-vit-base-patch16, google/siglip-base-patch16-224), local "
+        f"folder with model + processor, or {TINY_CLIP_NAME} (the tiny CLIP shipped in the package).",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 
@@ -197,7 +202,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, single_run: bool = True)
         "--skip-unreadable", action="store_true", help="drop images PIL cannot read instead of failing."
     )
     data.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help=f"class prompt template (default {DEFAULT_TEMPLATE!r})."
+        "--template",
+        help=f"class prompt template (default: the model family's, {DEFAULT_TEMPLATE!r} for CLIP and MetaCLIP 2, "
+        f"{SIGLIP_TEMPLATE!r} for SigLIP and SigLIP 2).",
     )
 
 
@@ -422,9 +429,12 @@ def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> N
         save_split(splits, args.split_file, args.data)
 
 
-def task_specs(splits: dict[str, TaskSplit], template: str) -> list[TaskSpec]:
+def task_specs(splits: dict[str, TaskSplit], template: str | None, model: nn.Module) -> list[TaskSpec]:
+    """The tasks of ``splits`` with ``template``, else the template of ``model``'s family."""
     from ..classifier import TaskSpec
+    from ..families import model_family
 
+    template = template or model_family(model).template
     return [TaskSpec(name, split.classnames, template) for name, split in splits.items()]
 
 
@@ -490,8 +500,9 @@ def run_group(args: argparse.Namespace) -> None:
     processor = load_processor(args.model)
     train_sets = datasets(splits, processor, "train", args)
     save_split_file(args, splits)
+    clip = load_clip(args.model)
     result = task_affinity(
-        load_clip(args.model), processor.tokenizer, train_sets, task_specs(splits, args.template), mmap,
+        clip, processor.tokenizer, train_sets, task_specs(splits, args.template, clip), mmap,
         config, snapshots=args.snapshots, every=args.every, metric=args.metric, device=device_of(args),
     )  # fmt: skip
     groups = group_tasks(result.matrix, result.task_names, num_groups)
@@ -536,8 +547,9 @@ def run_train(args: argparse.Namespace) -> None:
     processor = load_processor(args.model)
     train_sets = datasets(splits, processor, "train", args)
     save_split_file(args, splits)
+    clip = load_clip(args.model)
     model = MultiTaskMmAP(
-        load_clip(args.model), processor.tokenizer, task_specs(splits, args.template), groups, mmap,
+        clip, processor.tokenizer, task_specs(splits, args.template, clip), groups, mmap,
         task_adapters=not args.no_task_adapters, base_model_id=args.model,
     )  # fmt: skip
     result = train(model, train_sets, config, args.output, resume=args.resume, device=device_of(args))
@@ -737,7 +749,8 @@ def bench_spec(args: argparse.Namespace, num_tasks: int):
     fields = dict(
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
         train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
-        groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
+        groups=args.groups_inline, affinity_snapshots=args.snapshots,
+        template=args.template or DEFAULT_TEMPLATE,
         eval_batch_size=args.eval_batch_size, protocol=args.protocol, augment=args.augment,
         device=args.device,
     )  # fmt: skip
@@ -772,8 +785,10 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default="vit-b16",
-        choices=sorted(ARCHS),
-        help="CLIP architecture, built from its config (default vit-b16).",
+        choices=[*sorted(ARCHS), *FAMILY_ARCHS],
+        help="architecture, built from its config (default vit-b16): a CLIP one (every method's count) or "
+        + ", ".join(f"{arch} ({checkpoint}'s shapes)" for arch, checkpoint in FAMILY_ARCHS.items())
+        + " (MmAP's count next to CLIP ViT-B/16's).",
     )
     parser.add_argument("--tasks", type=positive_int, default=4, help="number of tasks (default 4).")
     parser.add_argument(
@@ -797,6 +812,15 @@ def run_params(args: argparse.Namespace) -> None:
 
     if args.groups > args.tasks:
         raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
+    if args.arch in FAMILY_ARCHS:
+        from .family_archs import family_table, mmap_counts
+
+        print(family_table(args.arch, args.tasks, args.groups))
+        if args.json is not None:
+            atomic_write_json(
+                args.json, {"arch": args.arch, "mmap": mmap_counts(args.arch, args.tasks, args.groups)}
+            )
+        return
     sizes = None if args.sizes == "default" else args.sizes
     counts = count_method_parameters(args.arch, args.tasks, args.groups, sizes=sizes)
     print(markdown_table(args.arch, counts, NOTES if sizes is None else PAPER_SIZE_NOTES))
@@ -862,8 +886,10 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default="vit-b16",
-        choices=[*sorted(ARCHS), TINY_ARCH],
-        help="CLIP shapes (default vit-b16).",
+        choices=[*sorted(ARCHS), TINY_ARCH, *FAMILY_ARCHS],
+        help="CLIP shapes (default vit-b16), or another family's ("
+        + ", ".join(FAMILY_ARCHS)
+        + f": methods {', '.join(PERF_FAMILY_METHODS)}).",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu).")
     parser.add_argument(
@@ -891,7 +917,8 @@ def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
-        help=f"comma-separated training methods (default all: {','.join(PERF_METHODS)}).",
+        help=f"comma-separated training methods (default all: {','.join(PERF_METHODS)}; on another family's "
+        f"--arch: {','.join(PERF_FAMILY_METHODS)}).",
     )
     parser.add_argument(
         "--peak-tflops", type=positive_float, help="device dense peak TFLOP/s for --precision (gives MFU)."

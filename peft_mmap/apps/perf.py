@@ -56,17 +56,18 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import MODEL_MAPPING, CLIPConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from ..baselines import build_method
 from ..classifier import CLIPTaskClassifier, TaskSpec
 from ..config import MmAPConfig
 from ..data import OFFICE_HOME_CLASSES, OFFICE_HOME_DOMAINS
 from ..files import atomic_write_json, atomic_write_text
-from ..options import PERF_ALL_ROWS, PERF_INFER_BATCHES, TINY_ARCH
+from ..options import FAMILY_ARCHS, PERF_ALL_ROWS, PERF_FAMILY_METHODS, PERF_INFER_BATCHES, TINY_ARCH
 from ..options import PERF_METHODS as TRAIN_METHODS
 from ..prompting import computing_prompt_rows
 from ..train import autocast
+from .family_archs import family_config
 from .params import clip_config
 
 #: Goal per ratio: (comparison, target, what it compares). ``*_per_flop`` is a time ratio divided by its
@@ -165,9 +166,12 @@ SERVING_BLOCK_S = 2.0
 _SOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def perf_clip_config(arch: str) -> CLIPConfig:
-    """`peft_mmap.apps.params.clip_config`, plus ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
-    if arch != TINY_ARCH:
+def perf_clip_config(arch: str) -> PretrainedConfig:
+    """`peft_mmap.apps.params.clip_config`, a `FAMILY_ARCHS` config (`peft_mmap.apps.family_archs.family_config`),
+    or ``"tiny"``: 2 layers of width 64 per tower, 32 px images."""
+    if arch in FAMILY_ARCHS:
+        config = family_config(arch)[1]
+    elif arch != TINY_ARCH:
         config = clip_config(arch)
     else:
         config = CLIPConfig(
@@ -191,8 +195,9 @@ def perf_clip_config(arch: str) -> CLIPConfig:
 def word_tokenizer(texts: Sequence[str], config: CLIPConfig) -> PreTrainedTokenizerFast:
     """A CLIP-style tokenizer with one token per word or punctuation mark of ``texts``.
 
-    ``<|startoftext|>``/``<|endoftext|>`` get the ids of ``config.text_config`` (bos/eos), padding uses
-    ``<|endoftext|>`` as CLIP's tokenizer does, and the words get ids from 0 upwards.
+    ``<|startoftext|>``/``<|endoftext|>`` get the ids of ``config.text_config`` (bos/eos; no start token where
+    it has no ``bos_token_id``, as SigLIP's tokenizer adds none), padding uses ``<|endoftext|>`` as CLIP's and
+    SigLIP's tokenizers do, and the words get the ids from 0 upwards that are not special.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -200,18 +205,21 @@ def word_tokenizer(texts: Sequence[str], config: CLIPConfig) -> PreTrainedTokeni
     words = dict.fromkeys(
         w for t in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t.lower())
     )
-    vocab = {word: i for i, word in enumerate(words)}
-    vocab |= {_SOS: text.bos_token_id, _EOS: text.eos_token_id}
+    special = {_SOS: text.bos_token_id, _EOS: text.eos_token_id}
+    special = {token: i for token, i in special.items() if i is not None}
+    ids = (i for i in itertools.count() if i not in special.values())
+    vocab = dict(zip(words, ids, strict=False)) | special
     if max(vocab.values()) >= text.vocab_size:
         raise ValueError(f"{len(words)} words do not fit a vocabulary of {text.vocab_size}.")
     backend = Tokenizer(models.WordLevel(vocab, unk_token=_EOS))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{_SOS} $A {_EOS}", special_tokens=[(_SOS, text.bos_token_id), (_EOS, text.eos_token_id)]
+        single=" ".join([*([_SOS] if _SOS in special else []), "$A", _EOS]),
+        special_tokens=list(special.items()),
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=_SOS,
+        bos_token=_SOS if _SOS in special else None,
         eos_token=_EOS,
         pad_token=_EOS,
         unk_token=_EOS,
@@ -342,7 +350,7 @@ class _Bench:
         self.tokenizer = word_tokenizer([p for t in self.tasks for p in t.prompts], self.config)
         self.mmap_config = MmAPConfig()
         torch.manual_seed(seed)
-        self.base = CLIPModel(self.config).eval()
+        self.base = MODEL_MAPPING[type(self.config)](self.config).eval()
         self.pixels = self.images(batch)
         self.labels = torch.randint(len(OFFICE_HOME_CLASSES), (batch,), device=device)
         self.task = self.tasks[0].name
@@ -490,7 +498,8 @@ class _Bench:
         return result
 
     def measure_text(self, rounds: int, warmup: int) -> dict:
-        """MmAP text features forward + backward for one task: longest-prompt padding vs 77 positions."""
+        """MmAP text features forward + backward for one task: the library's padding (the longest prompt; all
+        of SigLIP's 64 positions) vs all of the text tower's positions (77 for CLIP)."""
         model = self.build("mmap").train()
         max_length = self.config.text_config.max_position_embeddings
         padded = self.tokenizer(
@@ -498,7 +507,7 @@ class _Bench:
         )
         token_sets = {
             "dynamic": model.task_tokens(self.task),
-            "pad77": {k: padded[k].to(self.device) for k in ("input_ids", "attention_mask")},
+            "pad77": {k: padded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in padded},
         }
 
         def step(tokens: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -513,7 +522,11 @@ class _Bench:
         steps = {k: step(v) for k, v in token_sets.items()}
         with model.for_task(self.task):
             times = interleaved_seconds(steps, rounds, warmup, self.device, self.log)
-        return {"seconds": times, "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1])}
+        return {
+            "seconds": times,
+            "tokens_dynamic": int(token_sets["dynamic"]["input_ids"].shape[1]),
+            "tokens_padded": max_length,
+        }
 
     def profile_serving(self, calls: int = 8, rows: int = 15) -> str:
         """``torch.profiler`` summary (top operators by self time) of batch-1 serving, zero-shot and MmAP."""
@@ -677,21 +690,24 @@ def run_benchmark(
     """Measure every quantity of the module docstring in one run; returns the JSON-ready result.
 
     Args:
-        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.apps.params.ARCHS`) or ``tiny``.
+        arch: ``vit-b16``, ``vit-b32``, ``vit-l14`` (`peft_mmap.apps.params.ARCHS`), ``tiny``, or another
+            family's size (`FAMILY_ARCHS`, e.g. ``siglip-b16-224``: the methods of `PERF_FAMILY_METHODS`).
         device: where to run.
         batch: images per training step.
         rounds / warmup: timed and untimed round-robin rounds of every measurement.
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
-        methods: training methods to time (default: all of `TRAIN_METHODS`).
+        methods: training methods to time (default: all of `TRAIN_METHODS`, or of `PERF_FAMILY_METHODS`).
         peak_tflops: the device's dense peak for ``precision``; gives ``mfu`` of every training step.
         infer_batches: batch sizes of the serving measurement.
         log: where progress lines go.
     """
     device = torch.device(device)
-    methods = list(methods or TRAIN_METHODS)
-    unknown = sorted(set(methods) - set(TRAIN_METHODS))
+    known = PERF_FAMILY_METHODS if arch in FAMILY_ARCHS else tuple(TRAIN_METHODS)
+    methods = list(methods or known)
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise ValueError(f"Unknown perf methods {unknown}; known: {list(TRAIN_METHODS)}.")
+        built = "" if arch not in FAMILY_ARCHS else " (CoOp and MaPLe are built on CLIP's text embeddings)"
+        raise ValueError(f"Unknown perf methods {unknown} for --arch {arch}; known: {list(known)}{built}.")
     bench = _Bench(arch, device, batch, precision, log=log)
     log(f"training steps, round-robin: {', '.join(methods)}")
     train = bench.measure_training(methods, rounds, warmup)
@@ -720,6 +736,7 @@ def run_benchmark(
         "infer": {key: _infer_entry(entry) for key, entry in infer.items()},
         "text": {
             "tokens_dynamic": text["tokens_dynamic"],
+            "tokens_padded": text["tokens_padded"],
             "seconds": {k: quartiles(v) for k, v in text["seconds"].items()},
             "rounds_s": text["seconds"],
             "pad77_over_dynamic": ratio_spread(text["seconds"]["pad77"], text["seconds"]["dynamic"]),
@@ -803,7 +820,9 @@ def _infer_entry(entry: dict) -> dict:
 
 def goal_ratios(result: dict) -> dict[str, dict]:
     """Every ratio of `GOALS` that ``result`` has the measurements for: ``{value, q1, q3, goal, met}``."""
-    values: dict[str, dict] = {"text_pad77_over_dynamic": result["text"]["pad77_over_dynamic"]}
+    values: dict[str, dict] = {}
+    if result["text"]["tokens_dynamic"] < result["text"].get("tokens_padded", 77):  # SigLIP always pads fully
+        values["text_pad77_over_dynamic"] = result["text"]["pad77_over_dynamic"]
     for other in ("vpt_deep", "full_ft"):
         ratio = result.get("train_ratios", {}).get(f"mmap_over_{other}")
         if ratio is not None:
@@ -892,7 +911,7 @@ def markdown_report(result: dict) -> str:
         "| MmAP text tower (fwd + bwd, 65 classes) | s |",
         "|---|---:|",
         f"| padded to longest ({text['tokens_dynamic']} tokens) | {_iqr(text['seconds']['dynamic'], digits=4)} |",
-        f"| padded to 77 tokens | {_iqr(text['seconds']['pad77'], digits=4)} |",
+        f"| padded to {text.get('tokens_padded', 77)} tokens | {_iqr(text['seconds']['pad77'], digits=4)} |",
         "",
         "| Ratio | Value [q1, q3] | Goal | Met |",
         "|---|---:|---:|:---:|",
