@@ -287,22 +287,25 @@ def test_outputs_without_autograd_follow_a_recreated_adapter(clip, batch):
 # ---- text_placement="replace": the prompts take rows 1..T of the text sequence -----------------------------
 
 
-def _prompts_written_by_hand(model, inputs, names, depth, attn="sdpa"):
+def _prompts_written_by_hand(model, inputs, depths, attn="sdpa"):
     """Text features of an untouched copy of the base CLIP whose own encoder layers get rows ``1..T`` of their
-    input overwritten (forward pre-hooks) by ``kron(M^k, P_s^k)`` of ``names`` at each of the first ``depth``
-    layers, plus CLIP's position embeddings ``1..T`` at layer 0: MaPLe's text prompts, by hand."""
+    input overwritten (forward pre-hooks): at layer ``k`` each adapter of ``depths`` (``{name: depth}``, in
+    slot order, ``b = 4`` each) with ``k < depth`` writes ``kron(M^k, P_s^k)`` over its 4 rows, plus CLIP's
+    position embeddings of those rows at layer 0; past its depth its rows are left alone. MaPLe's text
+    prompts, by hand."""
     reference = make_clip(attn_implementation=attn)
     source = model.base_model.mmap_source
     wrapped = {m.layer_index: m for m in model.modules() if isinstance(m, MmAPLayer) and m.tower == "text"}
     table = reference.text_model.embeddings.position_embedding.weight
-    for k, layer in enumerate(reference.text_model.encoder.layers[:depth]):
+    for k, layer in enumerate(reference.text_model.encoder.layers):
 
         def overwrite(_module, args, kwargs, k=k):
-            prompts = torch.cat([torch.kron(wrapped[k].mmap_scale[name], source[name][k]) for name in names])
-            if k == 0:
-                prompts = prompts + table[1 : 1 + len(prompts)]
             hidden = args[0].clone()
-            hidden[:, 1 : 1 + len(prompts)] = prompts
+            for slot, (name, depth) in enumerate(depths.items()):
+                rows = slice(1 + 4 * slot, 5 + 4 * slot)
+                if k < depth:
+                    prompts = torch.kron(wrapped[k].mmap_scale[name], source[name][k])
+                    hidden[:, rows] = prompts + (table[rows] if k == 0 else 0)
             return (hidden, *args[1:]), kwargs
 
         layer.register_forward_pre_hook(overwrite, with_kwargs=True)
@@ -315,13 +318,32 @@ def _prompts_written_by_hand(model, inputs, names, depth, attn="sdpa"):
 def test_replace_equals_prompts_written_over_rows_1_to_t_by_hand(batch, attn, depth):
     model = _mmap(make_clip(attn_implementation=attn), depth=depth, text_placement="replace")
     text = {k: v for k, v in with_placeholders(batch, 8).items() if k != "pixel_values"}  # one row padded
-    want = _prompts_written_by_hand(model, text, ("group0", "art"), depth or LAYERS, attn)
+    want = _prompts_written_by_hand(model, text, {"group0": depth or LAYERS, "art": depth or LAYERS}, attn)
     for context in (contextlib.nullcontext, computing_prompt_rows):  # skipping discarded rows, and not
         with context(), torch.no_grad():
             assert_close_to_scale(model.get_text_features(**text).pooler_output, want)
     inserted = _mmap(make_clip(attn_implementation=attn), depth=depth)  # same parameters, inserted
     with torch.no_grad():
         assert not torch.allclose(inserted.get_text_features(**text).pooler_output, want, atol=1e-2)
+
+
+def test_replace_with_a_depth_per_adapter_lets_each_adapters_rows_flow_past_its_depth(clip, batch):
+    model = get_peft_model(
+        clip, MmAPConfig(prompt_length=4, source_shape=(2, 8), text_placement="replace"), "g"
+    )
+    model.add_adapter(
+        "t", MmAPConfig(prompt_length=4, source_shape=(2, 8), depth=1, text_placement="replace")
+    )
+    model.base_model.set_adapter(["g", "t"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mmap_" in name:
+                p.normal_()
+    text = {k: v for k, v in with_placeholders(batch, 8).items() if k != "pixel_values"}
+    want = _prompts_written_by_hand(model, text, {"g": LAYERS, "t": 1})
+    with torch.no_grad():
+        assert_close_to_scale(model.get_text_features(**text).pooler_output, want)
+        assert not torch.allclose(_prompts_written_by_hand(model, text, {"g": 1, "t": 1}), want, atol=1e-2)
 
 
 def test_replace_keeps_the_text_sequence_and_inserts_vision_prompts_as_before(batch):
