@@ -458,17 +458,15 @@ def test_multi_task_round_trip_with_task_switching(family, tokenizer, siglip_tok
             assert not torch.allclose(loaded(pixels, "art"), want["art"], atol=1e-3)
 
 
-def test_the_siglip_template_is_the_default_and_an_explicit_one_is_kept(siglip_tokenizer):
+def test_task_specs_keep_their_own_templates_and_class_names_get_the_familys(siglip_tokenizer):
     from peft_mmap.classifier import TaskSpec
 
-    model = MultiTaskMmAP(
-        make_siglip(),
-        siglip_tokenizer,
-        [TaskSpec("art", ["red"], "a sketch of {}."), TaskSpec("b", ["red"])],
-        None,
-    )
+    tasks = [TaskSpec("art", ["red"], "a sketch of {}."), TaskSpec("clip_default", ["red"])]
+    model = MultiTaskMmAP(make_siglip(), siglip_tokenizer, tasks, None)
     assert model.tasks["art"].template == "a sketch of {}."
-    assert model.tasks["b"].template == DEFAULT_TEMPLATE  # a TaskSpec made without the model keeps its own
+    assert model.tasks["clip_default"].template == DEFAULT_TEMPLATE  # TaskSpec's own default
+    model = MultiTaskMmAP(make_siglip(), siglip_tokenizer, {"art": ["red"]}, None)
+    assert model.tasks["art"].template == SIGLIP_TEMPLATE
 
 
 def write_siglip_checkpoint(folder: Path, tokenizer) -> Path:
