@@ -244,13 +244,14 @@ class MultiTaskMmAP(CLIPTaskClassifier):
         or hub repo."""
         folder = resolve_adapter_folder(adapters, **hub_kwargs)
         manifest = read_manifest(folder)
-        if isinstance(base_model, nn.Module):
+        dual_encoder = hasattr(base_model, "get_text_features") and hasattr(base_model, "get_image_features")
+        if isinstance(base_model, nn.Module) and dual_encoder:
             clip = base_model
             base_id = manifest["base_model"]
         elif not isinstance(base_model, (str, os.PathLike)):
             raise TypeError(
-                f"base_model: expected a loaded model (e.g. CLIPModel), a hub id or a folder, got "
-                f"{type(base_model).__name__}."
+                "base_model: expected a CLIPModel or another dual encoder (SiglipModel, MetaClip2Model), a hub id "
+                f"or a folder, got {type(base_model).__name__}."
             )
         else:
             clip = load_clip_model(base_model)

@@ -6,6 +6,7 @@ the multi-task model behave on each family as the CLIP tests require of CLIP.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,7 +47,8 @@ MAX_PATCHES = 16
 
 
 def make_siglip(seed: int = 0, attn_implementation: str = "sdpa") -> SiglipModel:
-    """A 3-layer SigLIP (text 32 wide, projected by its ``head`` to the vision width 48), 16 px images."""
+    """A 3-layer SigLIP (text 32 wide, projected by its ``head`` to the vision width 48), 16 px images, with a
+    nonzero logit bias."""
     torch.manual_seed(seed)
     config = SiglipConfig(
         text_config={**TEXT_TOWER, "projection_size": VISION},
@@ -55,6 +57,8 @@ def make_siglip(seed: int = 0, attn_implementation: str = "sdpa") -> SiglipModel
     config._attn_implementation = attn_implementation
     model = SiglipModel(config).eval()
     model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():  # initialised at zero; SigLIP checkpoints have a large negative bias
+        model.logit_bias.fill_(-2.5)
     return model
 
 
@@ -273,10 +277,12 @@ def test_siglip_text_pools_the_last_position_as_the_model_does():
         assert out.last_hidden_state.shape[1] == ids.shape[1]
 
 
-def test_naflex_prompts_are_visible_to_every_real_patch_whatever_the_padding():
+@pytest.mark.parametrize("depth", [None, 1], ids=["deep", "depth1"])
+def test_naflex_prompts_are_visible_to_every_real_patch_whatever_the_padding(depth):
     """SigLIP 2 NaFlex: an image's features do not depend on how many padding patches its batch adds, with
-    prompts, because every real patch sees the prompts and no padding patch, and the head pools real patches."""
-    model = randomised(get_peft_model(make_siglip2(), mmap_config()))
+    prompts, because every real patch sees the prompts and no padding patch, and the head pools real patches.
+    At depth 1 the prompts flow through the later layers, so what the prompts themselves see counts too."""
+    model = randomised(get_peft_model(make_siglip2(), dataclasses.replace(mmap_config(), depth=depth)))
     vision = model.get_base_model()
     alone = naflex_pixels([(2, 3)])
     alone = {k: v[:, :6] if k != "spatial_shapes" else v for k, v in alone.items()}  # exactly its 6 patches
@@ -288,6 +294,21 @@ def test_naflex_prompts_are_visible_to_every_real_patch_whatever_the_padding():
             plain = vision.get_image_features(**alone).pooler_output
     torch.testing.assert_close(one[0], two[0], rtol=1e-4, atol=1e-4 * two.abs().max().item())
     assert not torch.allclose(one, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("depth", [None, 1], ids=["deep", "depth1"])
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_a_bidirectional_text_with_a_padding_mask_equals_the_text_without_padding(family, depth):
+    """SigLIP's text tower with an attention mask: the real tokens' states are those of the unpadded text, with
+    prompts (which every token sees, and which see every real token) at every depth."""
+    model = randomised(get_peft_model(BUILDERS[family](), dataclasses.replace(mmap_config(), depth=depth)))
+    text = model.get_base_model().text_model
+    ids = torch.tensor([[5, 6, 7, 98]])
+    padded = torch.tensor([[5, 6, 7, 98, 0, 0]])
+    with torch.no_grad():
+        want = text(input_ids=ids).last_hidden_state
+        got = text(input_ids=padded, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])).last_hidden_state
+    torch.testing.assert_close(got[:, :4], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_a_siglip2_vision_model_takes_adapters_and_is_refused_by_the_classifier(tokenizer):
@@ -437,17 +458,15 @@ def test_multi_task_round_trip_with_task_switching(family, tokenizer, siglip_tok
             assert not torch.allclose(loaded(pixels, "art"), want["art"], atol=1e-3)
 
 
-def test_the_siglip_template_is_the_default_and_an_explicit_one_is_kept(siglip_tokenizer):
+def test_task_specs_keep_their_own_templates_and_class_names_get_the_familys(siglip_tokenizer):
     from peft_mmap.classifier import TaskSpec
 
-    model = MultiTaskMmAP(
-        make_siglip(),
-        siglip_tokenizer,
-        [TaskSpec("art", ["red"], "a sketch of {}."), TaskSpec("b", ["red"])],
-        None,
-    )
+    tasks = [TaskSpec("art", ["red"], "a sketch of {}."), TaskSpec("clip_default", ["red"])]
+    model = MultiTaskMmAP(make_siglip(), siglip_tokenizer, tasks, None)
     assert model.tasks["art"].template == "a sketch of {}."
-    assert model.tasks["b"].template == DEFAULT_TEMPLATE  # a TaskSpec made without the model keeps its own
+    assert model.tasks["clip_default"].template == DEFAULT_TEMPLATE  # TaskSpec's own default
+    model = MultiTaskMmAP(make_siglip(), siglip_tokenizer, {"art": ["red"]}, None)
+    assert model.tasks["art"].template == SIGLIP_TEMPLATE
 
 
 def write_siglip_checkpoint(folder: Path, tokenizer) -> Path:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from peft_mmap import MmAPConfig
 from peft_mmap.apps.cli import main
-from peft_mmap.apps.family_archs import mmap_counts
+from peft_mmap.apps.family_archs import family_table, mmap_counts
 from peft_mmap.options import FAMILY_ARCHS
 
 #: (text width, vision width, the base model's parameters in millions as its Hub page rounds them).
@@ -38,3 +39,14 @@ def test_params_prints_mmap_next_to_clip_vit_b16(tmp_path, capsys):
     assert "| 4,800 | 28,800 |" in rows[0] and "| 4,032 | 24,192 |" in rows[1]
     saved = json.loads((tmp_path / "counts.json").read_text())
     assert saved["arch"] == "siglip-b16-224" and saved["mmap"]["mmap"] == 28_800
+
+
+def test_the_table_counts_the_config_it_is_given_on_both_models():
+    table = family_table("siglip-b16-224", config=MmAPConfig(prompt_length=8, source_shape=(2, 8)))
+    per_adapter = {
+        row.split("`")[1]: row.split("|")[-3].strip() for row in table.splitlines() if row.startswith("| `")
+    }
+    assert per_adapter == {
+        "siglip-b16-224": f"{12 * (16 + 4 * 192):,}",
+        "vit-b16": f"{12 * (16 + 4 * 160):,}",
+    }

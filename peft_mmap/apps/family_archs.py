@@ -81,9 +81,10 @@ def mmap_counts(
     }  # fmt: skip
 
 
-def family_table(arch: str, tasks: int = 4, groups: int = 2) -> str:
-    """A Markdown table of MmAP's parameters on ``arch`` next to CLIP ViT-B/16's (default `MmAPConfig`)."""
-    rows = [mmap_counts(name, tasks, groups) for name in dict.fromkeys([arch, "vit-b16"])]
+def family_table(arch: str, tasks: int = 4, groups: int = 2, config: MmAPConfig | None = None) -> str:
+    """A Markdown table of MmAP's parameters on ``arch`` next to CLIP ViT-B/16's, with ``config`` (default: a
+    default `MmAPConfig`) on both."""
+    rows = [mmap_counts(name, tasks, groups, config) for name in dict.fromkeys([arch, "vit-b16"])]
     lines = [
         f"| Model | Class | Base parameters | Text / vision width | MmAP per adapter | MmAP ({groups} groups + {tasks} "
         "tasks) |",
