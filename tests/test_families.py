@@ -469,6 +469,14 @@ def test_task_specs_keep_their_own_templates_and_class_names_get_the_familys(sig
     assert model.tasks["art"].template == SIGLIP_TEMPLATE
 
 
+def test_replace_text_placement_is_refused_on_siglip_naming_insert(siglip_tokenizer):
+    """SigLIP's text has no start token and pools its last padded position: no context positions 1..T."""
+    config = MmAPConfig(prompt_length=2, source_shape=(1, 8), text_placement="replace")
+    model = MultiTaskMmAP(make_siglip(), siglip_tokenizer, {"art": ["red", "blue"]}, None, config)
+    with pytest.raises(ValueError, match=r"text_placement='replace'.*SigLIP.*use text_placement='insert'"):
+        model(batch_for("siglip")["pixel_values"], "art")
+
+
 def write_siglip_checkpoint(folder: Path, tokenizer) -> Path:
     """A tiny random SigLIP saved as a Hub checkpoint is: ``SiglipModel`` and ``SiglipProcessor`` (image
     processor, and ``tokenizer`` configured by `siglip_style_tokenizer`)."""

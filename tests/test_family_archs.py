@@ -50,3 +50,15 @@ def test_the_table_counts_the_config_it_is_given_on_both_models():
         "siglip-b16-224": f"{12 * (16 + 4 * 192):,}",
         "vit-b16": f"{12 * (16 + 4 * 160):,}",
     }
+
+
+def test_params_counts_the_paper_sizes_on_a_family_arch(tmp_path, capsys):
+    """``--sizes paper`` counts the paper preset's MmAP (b = 22, 2 x 8, every layer) on both models."""
+    assert (
+        main(["params", "--arch", "siglip-b16-224", "--sizes", "paper", "--json", str(tmp_path / "c.json")])
+        == 0
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert f"| {12 * (16 + 11 * 192):,} |" in rows[0] and "| 21,312 | 127,872 |" in rows[1]
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["sizes"] == "paper" and saved["mmap"]["mmap"] == 6 * 12 * (16 + 11 * 192)

@@ -812,16 +812,17 @@ def run_params(args: argparse.Namespace) -> None:
 
     if args.groups > args.tasks:
         raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
+    sizes = None if args.sizes == "default" else args.sizes
     if args.arch in FAMILY_ARCHS:
         from .family_archs import family_table, mmap_counts
+        from .params import size_options
 
-        print(family_table(args.arch, args.tasks, args.groups))
+        config = size_options(sizes)["mmap"].get("config")
+        print(family_table(args.arch, args.tasks, args.groups, config))
         if args.json is not None:
-            atomic_write_json(
-                args.json, {"arch": args.arch, "mmap": mmap_counts(args.arch, args.tasks, args.groups)}
-            )
+            counts = mmap_counts(args.arch, args.tasks, args.groups, config)
+            atomic_write_json(args.json, {"arch": args.arch, "sizes": args.sizes, "mmap": counts})
         return
-    sizes = None if args.sizes == "default" else args.sizes
     counts = count_method_parameters(args.arch, args.tasks, args.groups, sizes=sizes)
     print(markdown_table(args.arch, counts, NOTES if sizes is None else PAPER_SIZE_NOTES))
     if args.json is not None:
