@@ -1,0 +1,46 @@
+# The steps of examples/officehome.sh and examples/minidomainnet.sh (sourced by them, which set DATASET,
+# LAYOUT, PAPER_BATCH, PAPER_SHOTS and SMOKE_SPLIT): gradient-based task grouping, MmAP training and evaluation,
+# every method of the paper's table (`peft-mmap bench`), then our numbers beside the paper's.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+cli=("$PYTHON" -m peft_mmap.apps.cli)
+METHODS=${METHODS:-zeroshot full_ft coop vpt maple full_ft_mt clip_adapter bitfit coop_mt vpt_mt maple_mt mmap}
+compare=()
+if [ -n "${SMOKE:-}" ]; then
+    inputs=$(mktemp -d)
+    trap 'rm -rf "$inputs"' EXIT
+    "${cli[@]}" smoke-inputs --layout "$LAYOUT" --output "$inputs" --arch "${ARCH:-vit-b16}"
+    MODEL=$inputs/model DATA=$inputs/data OUT=${OUT:-$DATASET-smoke} SHOTS=1 FRACTION= SEEDS=${SEEDS:-1}
+    PRECISION=${PRECISION:-fp32} BATCH_SIZE=${BATCH_SIZE:-1} MAX_STEPS=${MAX_STEPS:-1}
+    compare=(--split "$SMOKE_SPLIT")  # 1 shot is none of the paper's splits
+    echo "SMOKE: random weights and generated images in $inputs; the accuracies below mean nothing."
+fi
+MODEL=${MODEL:-openai/clip-vit-base-patch16}
+DATA=${DATA:?set DATA to the dataset root (or SMOKE=1)}
+OUT=${OUT:-$DATASET-run}
+SEED=${SEED:-1}
+SEEDS=${SEEDS:-1 2 3}
+PRECISION=${PRECISION:-bf16}
+amount=(--shots "${SHOTS:-$PAPER_SHOTS}")
+[ -n "${FRACTION:-}" ] && amount=(--fraction "$FRACTION")
+data=(--data "$DATA" --layout "$LAYOUT")
+[ "$LAYOUT" = domainnet ] && data+=(--split-dir "${SPLIT_DIR:-$DATA/splits_mini}")
+# The paper's settings: SGD, lr 0.0035, PAPER_BATCH images per task, 5 epochs, last checkpoint.
+recipe=(--epochs 5 --batch-size "${BATCH_SIZE:-$PAPER_BATCH}" --lr 0.0035 --precision "$PRECISION")
+[ -n "${MAX_STEPS:-}" ] && recipe+=(--max-steps "$MAX_STEPS")
+[ -n "${DEVICE:-}" ] && recipe+=(--device "$DEVICE")
+common=(--model "$MODEL" "${data[@]}" "${amount[@]}" "${recipe[@]}")
+one_run=(--seed "$SEED" --split-file "$OUT/split.json")
+
+# 1. gradient-based task grouping on a global shared MmAP (paper Eq. 8) -> OUT/groups.json, affinity.png
+"${cli[@]}" group "${common[@]}" "${one_run[@]}" --num-groups 2 --output "$OUT"
+# 2. group-shared + task-specific MmAP -> OUT/adapters
+"${cli[@]}" train "${common[@]}" "${one_run[@]}" --groups "$OUT/groups.json" --output "$OUT"
+# 3. top-1 accuracy per task on the held-out images, next to zero-shot CLIP -> OUT/adapters/results.json
+"${cli[@]}" eval "${data[@]}" --split-file "$OUT/split.json" --adapters "$OUT" ${DEVICE:+--device "$DEVICE"}
+# 4. every method of the table, same settings (resumable: a rerun reuses finished runs) -> OUT/bench
+# shellcheck disable=SC2086  # METHODS and SEEDS are lists
+"${cli[@]}" bench "${common[@]}" --protocol paper --methods $METHODS --seeds $SEEDS --output "$OUT/bench"
+# 5. our numbers beside the paper's -> OUT/paper_comparison.md
+"${cli[@]}" compare --results "$OUT/bench/results.json" --dataset "$DATASET" "${compare[@]}" \
+    --output "$OUT/paper_comparison.md"
