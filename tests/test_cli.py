@@ -17,6 +17,7 @@ from peft_mmap.base_models import TINY_CLIP_NAME
 from peft_mmap.data import few_shot_split, save_split, scan_image_folder
 from peft_mmap.manifest import MANIFEST_NAME
 from peft_mmap.train import TrainResult
+from peft_mmap.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft")
@@ -365,3 +366,87 @@ def test_the_shipped_tiny_clip_by_its_portable_name_and_eval_without_model(works
     capsys.readouterr()
     assert main(["eval", *data, "--adapters", str(run), "--device", "cpu"]) == 0  # the base from the manifest
     assert "mmap vs zero-shot:" in capsys.readouterr().out
+
+
+def test_preset_gives_bench_group_and_train_its_defaults_and_explicit_options_win():
+    from peft_mmap.apps.bench import preset_spec
+    from peft_mmap.apps.cli import DEFAULT_BENCH_METHODS, bench_spec, mmap_config, parse_args, train_config
+
+    parser = build_parser()
+    for command in ("bench", "group", "train"):
+        base = [command, "--model", "org/name", "--data", "d", "--output", "o", "--preset", "paper"]
+        for layout, batch in (("officehome", 16), ("domainnet", 4)):
+            config = train_config(parse_args(parser, [*base, "--layout", layout]))
+            assert (config.batch_size, config.lr, config.warmup_epochs, config.augment) == (
+                batch,
+                0.0035,
+                1,
+                True,
+            )
+            assert mmap_config(parse_args(parser, [*base, "--layout", layout])).prompt_length == 22
+        # An explicit option wins, also when it equals the default without the preset (--warmup-epochs 0).
+        args = parse_args(parser, [*base, "--layout", "officehome", "--warmup-epochs", "0", "--batch-size", "2",
+                                   "--prompt-length", "4"])  # fmt: skip
+        assert (train_config(args).warmup_epochs, train_config(args).batch_size) == (0, 2)
+        assert mmap_config(args).prompt_length == 4
+        plain = train_config(parse_args(parser, base[:-2]))  # no preset: today's defaults
+        assert plain == TrainConfig() and mmap_config(parse_args(parser, base[:-2])).prompt_length == 4
+    bench = ["bench", "--model", "org/name", "--data", "d", "--output", "o", "--fraction", "0.1"]
+    spec = bench_spec(parse_args(parser, [*bench, "--preset", "paper", "--layout", "officehome"]), 4)
+    python = preset_spec("paper", "officehome", list(DEFAULT_BENCH_METHODS), fraction=0.1)
+    assert spec.settings() == python.settings() and spec.augment is None  # the CLI and Python agree
+    assert (spec.preset, spec.protocol, spec.seeds, spec.method_options["coop_mt"]) == ("paper", "paper", [1, 2, 3],
+                                                                                        {"n_ctx": 20})  # fmt: skip
+    spec = bench_spec(parse_args(parser, [*bench, "--preset", "paper", "--layout", "officehome", "--seeds", "4",
+                                          "--protocol", "recipes", "--no-augment"]), 4)  # fmt: skip
+    assert spec.preset_record()["overrides"] == {
+        "train.augment": {"preset": True, "used": False},
+        "bench.seeds": {"preset": [1, 2, 3], "used": [4]},
+        "bench.protocol": {"preset": "paper", "used": "recipes"},
+    }
+    assert bench_spec(parse_args(parser, bench), 4).preset is None
+
+
+def test_preset_refusals_name_the_way_out(workspace, tmp_path, capsys):
+    from peft_mmap.apps.cli import bench_spec, parse_args
+
+    generic = (
+        "sets the batch size per dataset layout: officehome (16), domainnet (4); for layout 'generic' give "
+    )
+    for command in ("bench", "train"):
+        argv = [command, "--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2",
+                "--preset", "paper", "--output", str(tmp_path / "out")]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and f"{generic}--batch-size explicitly" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+    splits = "preset 'paper' on officehome: --fraction 0.1 or 0.2, or --shots 6 or 12"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", str(workspace / "model"), "--data", str(tmp_path), "--layout", "officehome",
+              "--preset", "paper", "--output", str(tmp_path / "out")])  # fmt: skip
+    assert exit_info.value.code == 2 and splits in capsys.readouterr().err
+    bench = ["bench", "--model", "org/name", "--data", "d", "--output", "o", "--preset", "paper"]
+    with pytest.raises(ValueError, match=splits):
+        bench_spec(parse_args(build_parser(), [*bench, "--layout", "officehome"]), 4)
+
+
+def test_preset_runs_record_the_preset_and_the_sizes(workspace, tmp_path):
+    quick = ["--preset", "paper", "--batch-size", "2", "--max-steps", "1", "--epochs", "2", "--device", "cpu"]
+    data = ["--model", str(workspace / "model"), "--data", str(workspace / "data"), "--shots", "2"]
+    assert main(["bench", *data, *quick, "--methods", "zeroshot", "mmap_task_only", "vpt_mt", "--seeds", "1",
+                 "--output", str(tmp_path / "bench")]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["preset"] == {"name": "paper", "layout": "generic", "overrides": {
+        "train.epochs": {"preset": 5, "used": 2}, "bench.seeds": {"preset": [1, 2, 3], "used": [1]}}}  # fmt: skip
+    assert results["sizes"]["mmap_task_only"] == {"config": {"prompt_length": 22, "source_shape": [2, 8],
+                                                             "depth": None}}  # fmt: skip
+    assert results["sizes"]["vpt_mt"] == {"prompt_length": 18}
+    assert results["methods"]["vpt_mt"]["recipe"]["train"]["warmup_epochs"] == 1
+    assert main(["group", *data, *quick, "--snapshots", "1", "--output", str(tmp_path / "group")]) == 0
+    assert json.loads((tmp_path / "group" / "groups.json").read_text())["preset"]["name"] == "paper"
+    assert main(["train", *data, *quick, "--groups-inline", "art;clipart,product", "--lr", "0.01",
+                 "--output", str(tmp_path / "run")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "run" / "preset.json").read_text())
+    assert record["name"] == "paper" and record["sizes"] == {"mmap": {"prompt_length": 22, "source_shape": [2, 8],
+                                                                      "depth": None}}  # fmt: skip
+    assert record["overrides"]["train.lr"] == {"preset": 0.0035, "used": 0.01} and record["train"]["augment"]

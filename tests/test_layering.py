@@ -49,6 +49,7 @@ LAYERS = {
     "peft_mmap.train": TRAINING,
     "peft_mmap.evaluate": TRAINING,
     "peft_mmap.affinity": TRAINING,
+    "peft_mmap.presets": TRAINING,
 }
 SUBPACKAGES = {"peft_mmap.baselines": MULTITASK, "peft_mmap.apps": APPS}
 

@@ -57,7 +57,8 @@ from ..evaluate import (
 from ..files import atomic_write, atomic_write_json, atomic_write_text, read_json
 from ..grouping import group_tasks
 from ..multitask import MultiTaskMmAP
-from ..options import DEFAULT_NUM_GROUPS, LR_SCALES, PROTOCOLS
+from ..options import DEFAULT_NUM_GROUPS, LAYOUTS, LR_SCALES, MMAP_CLI_FIELDS, PROTOCOLS
+from ..presets import flat_values, get_preset
 from ..train import TrainConfig, train
 
 SETTINGS_JSON = "settings.json"
@@ -68,8 +69,9 @@ RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 ACCURACY_VS_PARAMS_PNG = "accuracy_vs_params.png"
 #: What a benchmark writes into its output folder; a folder holding any of them holds someone's results.
 OUTPUT_ENTRIES = (RESULTS_JSON, RESULTS_MD, ACCURACY_VS_PARAMS_PNG, "runs", "splits", "grouping")
-#: Spec fields that change no result: where it runs and the evaluation batch size.
-UNRESULTING_FIELDS = ("device", "eval_batch_size")
+#: Spec fields that change no result: where it runs, the evaluation batch size, and the preset the settings
+#: came from (its values are in the other fields).
+UNRESULTING_FIELDS = ("device", "eval_batch_size", "preset", "layout")
 #: Settings that define the split files (with the seed, which names the file).
 SPLIT_SETTINGS = ("data", "shots", "fraction")
 #: Methods whose builder takes the task groups found by gradient-based grouping.
@@ -112,6 +114,10 @@ class BenchmarkSpec:
         validation_shots: hold out this many of each class's training shots and evaluate on them instead
             of the test set (`peft_mmap.data.validation_split`; for choosing hyper-parameters).
         device: where to train and evaluate (default: CUDA if available).
+        preset: the `peft_mmap.presets.PRESETS` name the settings came from (`preset_spec`), recorded in
+            ``results.json`` with the values that replaced the preset's.
+        layout: the data's folder layout (`peft_mmap.options.LAYOUTS`), which the preset's batch size
+            depends on; required with ``preset``.
     """
 
     methods: list[str]
@@ -132,6 +138,8 @@ class BenchmarkSpec:
     lr_scales: dict[str, float] = field(default_factory=dict)
     validation_shots: int | None = None
     device: str | None = None
+    preset: str | None = None
+    layout: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -153,6 +161,12 @@ class BenchmarkSpec:
         v = self.validation_shots
         if v is not None and not is_positive_int(v):
             raise ValueError(f"BenchmarkSpec.validation_shots must be a positive int or None, got {v!r}.")
+        if self.preset is not None:
+            get_preset(self.preset)
+            if self.layout not in LAYOUTS:
+                raise ValueError(
+                    f"BenchmarkSpec.layout must be one of {LAYOUTS} with a preset, got {self.layout!r}."
+                )
 
     def recipe(self, method: str, seed: int) -> tuple[TrainConfig, dict]:
         """The trainer settings and builder options of ``method``'s run with ``seed`` under `protocol`."""
@@ -168,6 +182,32 @@ class BenchmarkSpec:
         options = {**(dict(recipe.options) if use else {}), **self.method_options.get(method, {})}
         return config, options
 
+    def sizes(self) -> dict[str, dict]:
+        """Each method's builder options (its size; the first seed's) and, for the MmAP methods, the MmAP
+        config's size fields under ``"config"``."""
+        sizes = {}
+        for method in self.methods:
+            options = self.recipe(method, self.seeds[0])[1]
+            if method.startswith("mmap"):
+                options["config"] = {name: getattr(self.mmap, name) for name in MMAP_CLI_FIELDS}
+            sizes[method] = options
+        return plain_json(sizes)
+
+    def preset_record(self) -> dict | None:
+        """`peft_mmap.presets.Preset.record` of the preset (name, layout, the settings that replaced its
+        values), or ``None`` without one."""
+        if self.preset is None:
+            return None
+        train = self.train.to_dict()
+        if self.augment is not None:
+            train["augment"] = self.augment
+        used = flat_values(
+            train=train, mmap=self.mmap.to_dict(),
+            options={m: self.method_options.get(m, {}) for m in self.methods},
+            bench={"seeds": self.seeds, "protocol": self.protocol},
+        )  # fmt: skip
+        return get_preset(self.preset).record(self.layout, used)
+
     def settings(self) -> dict:
         """Everything a result depends on, as plain JSON: every field but `UNRESULTING_FIELDS`."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -178,6 +218,27 @@ class BenchmarkSpec:
             train=self.train.to_dict(), mmap=mmap_settings(self.mmap), affinity_train=affinity_train
         )
         return plain_json(values)
+
+
+def preset_spec(preset: str, layout: str, methods: list[str], **fields: object) -> BenchmarkSpec:
+    """The `BenchmarkSpec` of preset ``preset`` (`peft_mmap.presets.PRESETS`) for data of ``layout``: its
+    trainer settings, MmAP config, method sizes (``method_options``), seeds and protocol; ``fields`` (other
+    `BenchmarkSpec` fields, e.g. ``shots=6``, or any of these, e.g. ``seeds=[1]``) win.
+
+    Raises:
+        ValueError: an unknown preset or layout, or a layout the preset has no batch size for when
+            ``fields`` gives no ``train``.
+    """
+    chosen = get_preset(preset)
+    values = dict(fields)
+    if "train" not in values:
+        values["train"] = chosen.train_config(layout)
+    if "mmap" not in values:
+        values["mmap"] = MmAPConfig(**chosen.mmap_settings())
+    values.setdefault("method_options", chosen.options())
+    for name, value in chosen.bench_settings().items():
+        values.setdefault(name, value)
+    return BenchmarkSpec(methods=methods, preset=preset, layout=layout, **values)
 
 
 def plain_json(value: object) -> object:
@@ -535,6 +596,7 @@ class Benchmark:
         write_results_json(
             self.output_dir / RESULTS_JSON, methods, grouping=groups or [], seeds=self.spec.seeds,
             model=self.model_id, shots=self.spec.shots, fraction=self.spec.fraction,
+            preset=self.spec.preset_record(), sizes=self.spec.sizes(),
         )  # fmt: skip
         atomic_write_text(self.output_dir / RESULTS_MD, benchmark_markdown(methods, task_order))
         plot_accuracy_vs_params(methods, self.output_dir / ACCURACY_VS_PARAMS_PNG)

@@ -40,6 +40,7 @@ from ..options import (
     SCALE_INITS,
     TINY_ARCH,
 )
+from ..presets import PRESETS, get_preset
 from ..train_config import TrainConfig
 from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GROUPS_JSON = "groups.json"
+PRESET_JSON = "preset.json"
+"""In a ``train --preset`` run folder: the preset's name and layout, the options that replaced its values, the
+trainer settings and the MmAP sizes (`preset_record`)."""
 DEFAULT_BENCH_METHODS = ("zeroshot", "coop_mt", "vpt_mt", "maple_mt", "mmap")
 #: Wall time of ``peft-mmap demo`` and ``peft-mmap demo --quick`` on 2 idle CPU cores, the benchmark images
 #: already generated (``time peft-mmap demo [--quick]``); other jobs sharing the cores stretch it many times.
@@ -240,6 +244,12 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a protocol's settings as this command's defaults; options given next to it win. "
+        + " ".join(f"{p.name}: {p.summary}." for p in PRESETS.values()),
+    )
     add_config_arguments(parser.add_argument_group("optimisation"), TrainConfig)
     mmap = parser.add_argument_group("MmAP")
     for name, (default, text) in MMAP_CLI_FIELDS.items():
@@ -261,17 +271,69 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def preset_defaults(args: argparse.Namespace) -> dict[str, object]:
+    """The option defaults that ``--preset`` gives the command parsed into ``args`` (for ``--layout``): its
+    trainer, MmAP and benchmark settings that are options of that command (its other trainer settings, such
+    as augmentation, reach `train_config` from the preset itself). A layout the preset has no batch size for
+    gets ``batch_size=None``, which `train_config` refuses unless ``--batch-size`` is given."""
+    preset = get_preset(args.preset)
+    options = {f.name for f in config_options(TrainConfig)}
+    train = {name: value for name, value in preset.train_settings(args.layout).items() if name in options}
+    values = {"batch_size": None, **train, **preset.mmap_settings(), **preset.bench_settings()}
+    return {name: value for name, value in values.items() if name in vars(args)}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--preset``, parse it again with the preset's values as the command's defaults
+    (`preset_defaults`), so that options given explicitly win. ``parser`` is left as it was."""
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) is None:
+        return args
+    command, defaults = args.subparser, preset_defaults(args)
+    saved = {name: command.get_default(name) for name in defaults}
+    command.set_defaults(**defaults)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        command.set_defaults(**saved)
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` of the parsed options (`add_train_arguments`; ``--seed`` where the command has it)."""
+    """The `TrainConfig` of the parsed options (`add_train_arguments`; ``--seed`` where the command has it);
+    with ``--preset``, its settings that are no option (training augmentation) too.
+
+    Raises:
+        ValueError: ``--preset`` has no batch size for ``--layout`` and ``--batch-size`` is not given.
+    """
     options = {f.name: getattr(args, f.name) for f in config_options(TrainConfig)}
-    return TrainConfig(**options, seed=getattr(args, "seed", 0))
+    seed = getattr(args, "seed", 0)
+    if args.preset is None:
+        return TrainConfig(**options, seed=seed)
+    preset = get_preset(args.preset)
+    if options["batch_size"] is None:
+        raise ValueError(preset.missing_batch_size(args.layout, "--batch-size"))
+    return preset.train_config(args.layout, **options, seed=seed)
 
 
 def mmap_config(args: argparse.Namespace) -> MmAPConfig:
-    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth`` and ``--scale-init``."""
+    """The `MmAPConfig` of the parsed ``--prompt-length``, ``--source-shape``, ``--depth`` and ``--scale-init``
+    (with ``--preset``: on top of the preset's MmAP settings)."""
     from ..config import MmAPConfig
 
-    return MmAPConfig(**{name: getattr(args, name) for name in MMAP_CLI_FIELDS}, scale_init=args.scale_init)
+    preset = {} if args.preset is None else get_preset(args.preset).mmap_settings()
+    options = {name: getattr(args, name) for name in MMAP_CLI_FIELDS}
+    return MmAPConfig(**{**preset, **options, "scale_init": args.scale_init})
+
+
+def preset_record(args: argparse.Namespace, config: TrainConfig, mmap: MmAPConfig) -> dict | None:
+    """What a ``group`` or ``train`` run records about ``--preset`` (`peft_mmap.presets.Preset.record`:
+    name, layout and the options that replaced its values); ``None`` without one."""
+    from ..presets import flat_values
+
+    if args.preset is None:
+        return None
+    used = flat_values(train=config.to_dict(), mmap=mmap.to_dict())
+    return get_preset(args.preset).record(args.layout, used)
 
 
 def num_groups_for(requested: int | str | None, num_tasks: int) -> int | None:
@@ -331,9 +393,15 @@ def load_splits(args: argparse.Namespace) -> dict[str, TaskSplit]:
         check_layout(args.layout, {name: split.classnames for name, split in splits.items()}, args.data)
         return splits
     if args.shots is None and args.fraction is None:
-        raise ValueError("give --shots K or --fraction F (or an existing --split-file).")
+        raise ValueError(f"give --shots K or --fraction F (or an existing --split-file){split_hint(args)}.")
     folders = load_task_folders(args.data, args.layout, args.split_dir, args.tasks)
     return few_shot_split(folders, shots=args.shots, fraction=args.fraction, seed=args.seed)
+
+
+def split_hint(args: argparse.Namespace) -> str:
+    """``--preset``'s splits for ``--layout`` as ``"; <options>"`` (empty without a preset or splits)."""
+    hint = "" if args.preset is None else get_preset(args.preset).split_hint(args.layout)
+    return f"; {hint}" if hint else ""
 
 
 def save_split_file(args: argparse.Namespace, splits: dict[str, TaskSplit]) -> None:
@@ -418,9 +486,10 @@ def run_group(args: argparse.Namespace) -> None:
     )  # fmt: skip
     groups = group_tasks(result.matrix, result.task_names, num_groups)
     save_affinity(result, args.output)
-    atomic_write_json(
-        args.output / GROUPS_JSON, {"groups": groups, "task_names": result.task_names, "metric": args.metric}
-    )
+    record = {"groups": groups, "task_names": result.task_names, "metric": args.metric}
+    if args.preset is not None:
+        record["preset"] = preset_record(args, config, mmap)
+    atomic_write_json(args.output / GROUPS_JSON, record)
     print(f"groups: {groups}\nwrote {args.output / GROUPS_JSON}, {AFFINITY_JSON}, {AFFINITY_PNG}")
 
 
@@ -463,6 +532,14 @@ def run_train(args: argparse.Namespace) -> None:
     )  # fmt: skip
     result = train(model, train_sets, config, args.output, resume=args.resume, device=device_of(args))
     if is_main_process():
+        if args.preset is not None:
+            sizes = {name: getattr(mmap, name) for name in MMAP_CLI_FIELDS}
+            record = {
+                **preset_record(args, config, mmap),
+                "train": config.to_dict(),
+                "sizes": {"mmap": sizes},
+            }
+            atomic_write_json(args.output / PRESET_JSON, record)
         adapters = model.save_pretrained(args.output / RUN_ADAPTERS_DIR)
         print(train_summary(result, adapters))
 
@@ -640,18 +717,21 @@ def add_overwrite_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
 
 
 def bench_spec(args: argparse.Namespace, num_tasks: int):
-    from .bench import BenchmarkSpec
+    """The `BenchmarkSpec` of the parsed ``bench`` options (with ``--preset``: `preset_spec`, which adds
+    the preset's method sizes)."""
+    from .bench import BenchmarkSpec, preset_spec
 
     shots = args.shots if args.shots or args.fraction else (args.sweep_shots or [None])[0]
     if shots is None and args.fraction is None:
-        raise ValueError("give --shots K, --fraction F or --sweep-shots K1 K2 ...")
-    return BenchmarkSpec(
+        raise ValueError(f"give --shots K, --fraction F or --sweep-shots K1 K2 ...{split_hint(args)}")
+    fields = dict(
         methods=args.methods, seeds=args.seeds, shots=shots, fraction=args.fraction,
         train=train_config(args), mmap=mmap_config(args), num_groups=num_groups_for(args.num_groups, num_tasks),
         groups=args.groups_inline, affinity_snapshots=args.snapshots, template=args.template,
         eval_batch_size=args.eval_batch_size, protocol=args.protocol, augment=args.augment,
         device=args.device,
     )  # fmt: skip
+    return BenchmarkSpec(**fields) if args.preset is None else preset_spec(args.preset, args.layout, **fields)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -692,18 +772,26 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_NUM_GROUPS,
         help=f"number of task groups (default {DEFAULT_NUM_GROUPS}).",
     )
-    parser.add_argument("--json", type=Path, help="also write {arch, methods} to this JSON file.")
+    parser.add_argument(
+        "--sizes",
+        choices=["default", *sorted(PRESETS)],
+        default="default",
+        help="the methods' sizes: their defaults, or a preset's (paper: sized to the paper's Table 1 budgets, "
+        "as 'bench --preset paper' trains them).",
+    )
+    parser.add_argument("--json", type=Path, help="also write {arch, sizes, methods} to this JSON file.")
 
 
 def run_params(args: argparse.Namespace) -> None:
-    from .params import count_method_parameters, markdown_table
+    from .params import NOTES, PAPER_SIZE_NOTES, count_method_parameters, markdown_table
 
     if args.groups > args.tasks:
         raise ValueError(f"--groups {args.groups} exceeds --tasks {args.tasks}.")
-    counts = count_method_parameters(args.arch, args.tasks, args.groups)
-    print(markdown_table(args.arch, counts))
+    sizes = None if args.sizes == "default" else args.sizes
+    counts = count_method_parameters(args.arch, args.tasks, args.groups, sizes=sizes)
+    print(markdown_table(args.arch, counts, NOTES if sizes is None else PAPER_SIZE_NOTES))
     if args.json is not None:
-        atomic_write_json(args.json, {"arch": args.arch, "methods": counts})
+        atomic_write_json(args.json, {"arch": args.arch, "sizes": args.sizes, "methods": counts})
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -978,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``peft-mmap``; returns the exit code (argparse errors exit with 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
