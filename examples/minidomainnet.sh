@@ -11,9 +11,10 @@
 # Env:  MODEL (openai/clip-vit-base-patch16), DATA, SPLIT_DIR (DATA/splits_mini),
 #       OUT (minidomainnet-run; SMOKE: minidomainnet-smoke),
 #       SHOTS (3: the paper's 1 %; 6: its 2 %) or FRACTION (0.01: 1 % of each class),
-#       SEED (grouping and MmAP training, 1), SEEDS (bench, "1 2 3"), METHODS (bench: every column of Table 2),
-#       DEVICE (default: cuda if available), PRECISION (bf16), BATCH_SIZE (4), MAX_STEPS,
+#       SEED (grouping and MmAP training, 1), SEEDS (bench: the paper's 1 2 3),
+#       METHODS (bench: every column of Table 2),
+#       DEVICE (default: cuda if available), PRECISION (bf16), BATCH_SIZE (the paper's 4), MAX_STEPS,
 #       PYTHON (the interpreter with torch and peft_mmap, default python3; e.g. venv/bin/python).
-DATASET=minidomainnet LAYOUT=domainnet PAPER_BATCH=4 PAPER_SHOTS=3 SMOKE_SPLIT=1%
+DATASET=minidomainnet LAYOUT=domainnet PAPER_SHOTS=3 SMOKE_SPLIT=1%
 # shellcheck source=examples/paper_protocol.sh
 . "$(dirname "$0")/paper_protocol.sh"

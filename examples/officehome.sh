@@ -9,10 +9,11 @@
 # images per task, fp32; offline, on CPU; the accuracies mean nothing.
 # Env:  MODEL (openai/clip-vit-base-patch16), DATA, OUT (officehome-run; SMOKE: officehome-smoke),
 #       SHOTS (6: the paper's 10 %; 12: its 20 %) or FRACTION (0.1: 10 % of each class),
-#       SEED (grouping and MmAP training, 1), SEEDS (bench, "1 2 3"), METHODS (bench: every column of Table 1),
-#       DEVICE (default: cuda if available), PRECISION (bf16), BATCH_SIZE (16), MAX_STEPS,
+#       SEED (grouping and MmAP training, 1), SEEDS (bench: the paper's 1 2 3),
+#       METHODS (bench: every column of Table 1),
+#       DEVICE (default: cuda if available), PRECISION (bf16), BATCH_SIZE (the paper's 16), MAX_STEPS,
 #       PYTHON (the interpreter with torch and peft_mmap, default python3; e.g. venv/bin/python).
 # Multi-GPU training: `"$PYTHON" -m torch.distributed.run --nproc_per_node N -m peft_mmap.apps.cli train ...`.
-DATASET=officehome LAYOUT=officehome PAPER_BATCH=16 PAPER_SHOTS=6 SMOKE_SPLIT=10%
+DATASET=officehome LAYOUT=officehome PAPER_SHOTS=6 SMOKE_SPLIT=10%
 # shellcheck source=examples/paper_protocol.sh
 . "$(dirname "$0")/paper_protocol.sh"

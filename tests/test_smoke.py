@@ -140,6 +140,13 @@ def test_smoke_run_of_the_example_runs_every_command_and_prints_the_comparison(
     assert set(results["methods"]) == TABLE_METHODS
     assert all(list(entry["tasks"]) == tasks for entry in results["methods"].values())
     assert results["methods"]["mmap"]["recipe"]["protocol"] == "paper"
+    assert (
+        results["preset"]["name"] == "paper"
+        and results["preset"]["overrides"]["train.batch_size"]["used"] == 1
+    )
+    assert results["sizes"]["mmap"]["config"]["prompt_length"] == 22 and results["sizes"]["coop"] == {
+        "n_ctx": 20
+    }
     assert results["methods"]["full_ft_mt"]["trainable_params"] == 149_620_736  # ViT-B/16 shapes
     assert json.loads((out / "groups.json").read_text())["task_names"] == tasks
     assert set(json.loads((out / "adapters" / "results.json").read_text())["methods"]) == {"zeroshot", "mmap"}
