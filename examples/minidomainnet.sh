@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The paper's MiniDomainNet protocol end to end (Table 2): task grouping, MmAP training and evaluation, every
 # method of Table 2 (`peft-mmap bench`), then our numbers beside the paper's (examples/paper_protocol.sh).
-#   DATA=/data/domainnet examples/minidomainnet.sh   # DomainNet's <DATA>/{clipart,painting,real,sketch}/<class>/
-#                                                    # and MiniDomainNet's 126-class <DATA>/splits_mini/*.txt
-#   SMOKE=1 examples/minidomainnet.sh                # the same commands at ViT-B/16 shapes on generated inputs
+#   DATA=/data/domainnet examples/minidomainnet.sh  # <DATA>/{clipart,painting,real,sketch}/<class>/*.jpg
+#                                                   # (DomainNet) and <DATA>/splits_mini/*.txt (MiniDomainNet)
+#   SMOKE=1 examples/minidomainnet.sh               # the same commands at ViT-B/16 shapes on generated inputs
 # A real run loads the checkpoint (Hub access, or a local folder in MODEL); a GPU is advised.
-# SMOKE=1: a random-weight CLIP ViT-B/16 and a generated MiniDomainNet folder (2 classes of 2 images per domain
-# and their split files, in a temporary folder removed at the end); 1 shot, 1 seed, MAX_STEPS (1) steps per
-# run at BATCH_SIZE (1) images per task, fp32; offline, on CPU; the accuracies mean nothing.
+# SMOKE=1: a random-weight CLIP ViT-B/16 and a generated MiniDomainNet folder (2 classes of 2 images per
+# domain and their split files, in a temporary folder removed at the end); 1 shot, 1 seed, MAX_STEPS (1)
+# steps per run at BATCH_SIZE (1) images per task, fp32; offline, on CPU; the accuracies mean nothing.
 # Env:  MODEL (openai/clip-vit-base-patch16), DATA, SPLIT_DIR (DATA/splits_mini),
 #       OUT (minidomainnet-run; SMOKE: minidomainnet-smoke),
 #       SHOTS (3: the paper's 1 %; 6: its 2 %) or FRACTION (0.01: 1 % of each class),

@@ -1,11 +1,12 @@
-# The steps of examples/officehome.sh and examples/minidomainnet.sh (sourced by them, which set DATASET, LAYOUT,
-# PAPER_SHOTS and SMOKE_SPLIT): gradient-based task grouping, MmAP training and evaluation, every method of the
-# paper's table (`peft-mmap bench`), then our numbers beside the paper's. Every training command runs with
-# `--preset paper` (the paper's protocol and sizes, docs/reproduction.md); the options given next to it win.
+# The steps of examples/officehome.sh and examples/minidomainnet.sh (sourced by them, which set DATASET,
+# LAYOUT, PAPER_SHOTS and SMOKE_SPLIT): gradient-based task grouping, MmAP training and evaluation, every
+# method of the paper's table (`peft-mmap bench`), then our numbers beside the paper's. Every training command
+# runs with `--preset paper` (the paper's protocol and sizes, docs/reproduction.md); options next to it win.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 cli=("$PYTHON" -m peft_mmap.apps.cli)
-METHODS=${METHODS:-zeroshot full_ft coop vpt maple full_ft_mt clip_adapter bitfit coop_mt vpt_mt maple_mt mmap}
+table="zeroshot full_ft coop vpt maple full_ft_mt clip_adapter bitfit coop_mt vpt_mt maple_mt mmap"
+METHODS=${METHODS:-$table}
 compare=()
 if [ -n "${SMOKE:-}" ]; then
     inputs=$(mktemp -d)
