@@ -380,10 +380,13 @@ def test_perf_command_writes_json_and_markdown(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
+def test_gpu_script_runs_the_smoke_and_perf_unattended_on_cpu_with_the_tiny_model(tmp_path):
     env = dict(os.environ, DEVICE="cpu", ARCH="tiny", PRECISION="fp32", BATCH="2", INFER_BATCHES="1,2")
     env |= {"ROUNDS": "1", "WARMUP": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"}
     env["PYTHON"] = sys.executable  # the suite's interpreter, whatever python3 is on PATH
+    env["SMOKE_METHODS"] = (
+        "zeroshot coop_mt mmap"  # the preset's MaPLe depth 12 exceeds the tiny CLIP's 2 layers
+    )
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
         env=env,
@@ -397,6 +400,15 @@ def test_gpu_script_runs_unattended_on_cpu_with_the_tiny_model(tmp_path):
     assert result["peak_tflops"] == 989 and result["batch"] == 2
     assert result["malloc"].startswith("glibc keeping freed memory") == GLIBC
     assert "## mmap" in (tmp_path / "out" / "profile.md").read_text()
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert check["smoke"]["exit"] == 0 and check["perf"]["exit"] == 0 and check["limit_s"] == 480
+    smoke = tmp_path / "out" / "smoke-officehome"
+    methods = json.loads((smoke / "bench" / "results.json").read_text())["methods"]
+    assert (
+        set(methods) == {"zeroshot", "coop_mt", "mmap"}
+        and methods["mmap"]["recipe"]["train"]["batch_size"] == 2
+    )
+    assert "Ours / paper, Table 1 (10%" in (smoke / "paper_comparison.md").read_text()
 
 
 def test_perf_module_does_not_import_the_command_line():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from ..base_models import TINY_CLIP_NAME, load_clip_model, resolve_model
-from ..files import atomic_write_json, read_json
+from ..files import atomic_write_json, atomic_write_text, read_json
 from ..options import (
     ARCHS,
     DEFAULT_NUM_GROUPS,
@@ -948,6 +948,78 @@ def run_perf(args: argparse.Namespace) -> None:
     run(args)
 
 
+SMOKE_LAYOUTS = ("officehome", "domainnet")
+"""``peft-mmap smoke-inputs --layout``: the layouts it generates (`peft_mmap.apps.smoke.SMOKE_LAYOUTS`)."""
+
+
+def add_smoke_inputs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout",
+        choices=SMOKE_LAYOUTS,
+        required=True,
+        help="officehome: <output>/data/{Art,Clipart,Product,Real World}/<Class>/*.jpg; domainnet (MiniDomainNet): "
+        "<output>/data/{clipart,painting,real,sketch}/<class>/*.jpg and <output>/data/splits_mini/.",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="writes <output>/model and <output>/data (replaced if there).",
+    )
+    parser.add_argument(
+        "--arch",
+        default="vit-b16",
+        choices=[*sorted(ARCHS), TINY_ARCH],
+        help="shapes of the random-weight CLIP (default vit-b16; tiny: 2 layers of width 64, 32 px).",
+    )
+    parser.add_argument(
+        "--classes", type=positive_int, default=2, help="class folders per domain (default 2, at most 4)."
+    )
+    parser.add_argument(
+        "--images-per-class",
+        type=positive_int,
+        default=2,
+        help="images per class folder (default 2, at least 2).",
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and images.")
+
+
+def run_smoke_inputs(args: argparse.Namespace) -> None:
+    from .smoke import write_smoke_inputs
+
+    inputs = write_smoke_inputs(
+        args.output, args.layout, args.arch, args.classes, args.images_per_class, args.seed
+    )
+    split_dir = f"\nsplit dir: {inputs.split_dir}" if inputs.split_dir else ""
+    print(f"model: {inputs.model}\ndata: {inputs.data}{split_dir}")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results", type=Path, required=True, help="a results.json of 'peft-mmap bench' or 'peft-mmap eval'."
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="officehome (the paper's Table 1) or minidomainnet (Table 2)."
+    )
+    parser.add_argument(
+        "--split",
+        help="the paper's split (officehome: 10%%, 20%%; minidomainnet: 1%%, 2%%; default: the one of the "
+        "results' shots or fraction).",
+    )
+    parser.add_argument("--output", type=Path, help="also write the table to this Markdown file.")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from .paper import comparison_markdown, paper_split
+
+    results = read_json(args.results, "results file")
+    paper = paper_split(args.dataset, args.split, results.get("shots"), results.get("fraction"))
+    table = comparison_markdown(results, paper)
+    print(table, end="")
+    if args.output is not None:
+        atomic_write_text(args.output, table)
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -988,6 +1060,18 @@ SUBCOMMANDS: list[Subcommand] = [
         "run several methods x seeds on k-shot splits and write the paper-style tables (resumable).",
         add_bench_arguments,
         run_bench,
+    ),
+    Subcommand(
+        "compare",
+        "print a results.json beside the paper's Table 1 (Office-Home) or Table 2 (MiniDomainNet).",
+        add_compare_arguments,
+        run_compare,
+    ),
+    Subcommand(
+        "smoke-inputs",
+        "write a random-weight CLIP of real shapes and a small image folder in a dataset's layout (smoke runs).",
+        add_smoke_inputs_arguments,
+        run_smoke_inputs,
     ),
     Subcommand(
         "params",

@@ -42,6 +42,7 @@ __all__ = [
     "UNNAMED_SHARE",
     "caption_corpus",
     "caption_name",
+    "clip_image_processor",
     "home_domain",
     "load_tiny_clip",
     "pretrain_tiny_clip",
@@ -189,7 +190,9 @@ def _render_batch(
     return torch.cat([processor(images=chunk, return_tensors="pt")["pixel_values"] for chunk in chunks])
 
 
-def _image_processor(image_size: int) -> CLIPImageProcessorPil:
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's image processor (PIL backend) at ``image_size``: bicubic resize of the shortest edge, centre crop,
+    CLIP's mean and std (OpenAI's settings at 224)."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -387,7 +390,7 @@ def pretrain_tiny_clip(
     tokenizer = _train_tokenizer(
         caption_corpus(seed, _TOKENIZER_CAPTIONS, unnamed_captions, home_domain_share)[2], vocab_size
     )
-    image_processor = _image_processor(image_size)
+    image_processor = clip_image_processor(image_size)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     images = _render_batch(domains, classes, seed, 2, image_processor)
     labels = torch.tensor([SYNTHETIC_CLASSES.index(c) for c in classes])
