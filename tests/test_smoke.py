@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from peft_mmap.apps.cli import main
 from peft_mmap.apps.params import clip_config
 from peft_mmap.apps.smoke import IMAGE_SIZES, save_random_clip, write_smoke_images, write_smoke_inputs
 from peft_mmap.base_models import load_clip_model
@@ -110,7 +111,29 @@ def test_bad_smoke_inputs_are_refused_by_name(tmp_path):
         write_smoke_images(tmp_path, "officehome", images_per_class=1)
     with pytest.raises(ValueError, match="Unknown arch 'vit-h14'"):
         write_smoke_inputs(tmp_path / "x", "officehome", arch="vit-h14")
-    assert not (tmp_path / "x" / "model").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_smoke_inputs_command_writes_both_folders_and_refuses_bad_values(tmp_path, capsys):
+    assert main(["smoke-inputs", "--layout", "domainnet", "--arch", "tiny", "--output", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        f"model: {tmp_path / 'model'}", f"data: {tmp_path / 'data'}", f"split dir: {tmp_path / 'data' / 'splits_mini'}"
+    ]  # fmt: skip
+    assert load_clip_model(tmp_path / "model").config.vision_config.image_size == 32
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "clipart", "painting", "real", "sketch", "splits_mini"
+    ]  # fmt: skip
+    for bad, message in (
+        (["--layout", "generic"], "invalid choice: 'generic'"),
+        (
+            ["--layout", "officehome", "--classes", "5"],
+            "classes must be between 1 and 4 for officehome, got 5",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["smoke-inputs", *bad, "--arch", "tiny", "--output", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def run_smoke_script(script: str, out: Path) -> subprocess.CompletedProcess:

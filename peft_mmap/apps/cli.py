@@ -948,14 +948,10 @@ def run_perf(args: argparse.Namespace) -> None:
     run(args)
 
 
-SMOKE_LAYOUTS = ("officehome", "domainnet")
-"""``peft-mmap smoke-inputs --layout``: the layouts it generates (`peft_mmap.apps.smoke.SMOKE_LAYOUTS`)."""
-
-
 def add_smoke_inputs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layout",
-        choices=SMOKE_LAYOUTS,
+        choices=[layout for layout in LAYOUTS if layout != "generic"],  # the datasets' layouts
         required=True,
         help="officehome: <output>/data/{Art,Clipart,Product,Real World}/<Class>/*.jpg; domainnet (MiniDomainNet): "
         "<output>/data/{clipart,painting,real,sketch}/<class>/*.jpg and <output>/data/splits_mini/.",

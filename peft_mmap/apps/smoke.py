@@ -144,7 +144,12 @@ def write_smoke_inputs(
     images_per_class: int = 2,
     seed: int = 0,
 ) -> SmokeInputs:
-    """`save_random_clip` into ``<output>/model`` and `write_smoke_images` into ``<output>/data``."""
+    """`save_random_clip` into ``<output>/model`` and `write_smoke_images` into ``<output>/data``.
+
+    Raises:
+        ValueError: an unknown ``arch`` or bad image-folder arguments, before anything is written.
+    """
+    perf_clip_config(arch)  # refuses an unknown arch
     data = write_smoke_images(Path(output) / DATA_DIR, layout, classes, images_per_class, seed)
     model = save_random_clip(Path(output) / MODEL_DIR, arch, seed)
     return SmokeInputs(model, data, data / MINI_SPLIT_DIR if layout == "domainnet" else None)
