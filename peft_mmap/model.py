@@ -69,7 +69,7 @@ def check_tower_sizes(config: MmAPConfig, sizes: dict[str, dict[str, int]], adap
         return
     base = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
     raise ValueError(
-        f"MmAP adapter {adapter_name!r} was saved for a CLIP model{base} with {describe_sizes(config.tower_sizes)}; "
+        f"MmAP adapter {adapter_name!r} was saved for a model{base} with {describe_sizes(config.tower_sizes)}; "
         f"this model has {describe_sizes(sizes)}. Load it onto the base model it was trained on; a new adapter "
         "for this model needs a config without tower_sizes (a fresh MmAPConfig, or "
         "dataclasses.replace(config, tower_sizes=None))."
@@ -246,7 +246,7 @@ class MmAPModel(BaseTuner):
         found = find_layer(current_key, find_towers(self.model))
         if found is None:
             raise ValueError(
-                f"MmAP can only wrap CLIP encoder layers ('<tower>.encoder.layers.N'); target_modules matched "
+                f"MmAP can only wrap the encoder layers of a supported dual encoder ('<tower>.encoder.layers.N'; CLIP, SigLIP, SigLIP 2, MetaCLIP 2); target_modules matched "
                 f"{current_key!r} ({type(target).__name__})."
             )
         info, index = found

@@ -283,7 +283,7 @@ def test_adapters_chosen_per_call_equal_set_adapter_and_change_no_state(clip, ba
         model.base_model.use_adapters(["nope"])
 
 
-SAVED_FOR = "was saved for a CLIP model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
+SAVED_FOR = "was saved for a model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
 OTHER_BASES = {
     "fewer-layers": (
         lambda: make_clip(text={"num_hidden_layers": 2}, vision={"num_hidden_layers": 2}),
@@ -368,7 +368,7 @@ def test_injection_records_the_tower_sizes_on_the_config_it_was_given(tmp_path):
 
 def test_a_failed_injection_leaves_the_config_as_it_was(clip):
     config = MmAPConfig(prompt_length=4, source_shape=(2, 8), target_modules=["text_projection"])
-    with pytest.raises(ValueError, match="MmAP can only wrap CLIP encoder layers"):
+    with pytest.raises(ValueError, match="MmAP can only wrap the encoder layers of a supported dual encoder"):
         get_peft_model(clip, config)
     assert config.tower_sizes is None
 
@@ -409,7 +409,7 @@ def test_load_adapter_for_another_base_is_refused_before_anything_changes(tmp_pa
     expected = model(**batch).logits_per_image
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        ValueError, match="'wide' was saved for a CLIP model with text hidden 64 / vision hidden 48"
+        ValueError, match="'wide' was saved for a model with text hidden 64 / vision hidden 48"
     ):
         model.load_adapter(tmp_path / "wide", adapter_name="wide")
     assert sorted(model.peft_config) == ["art", "group0"]

@@ -242,7 +242,7 @@ OTHER_BASES = {
 def test_adapters_onto_another_base_are_refused_naming_the_sizes(saved, tokenizer, case):
     overrides, sizes, _ = OTHER_BASES[case]
     clip = make_clip(**overrides)
-    message = "'group0' was saved for a CLIP model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
+    message = "'group0' was saved for a model with text hidden 32 / vision hidden 48 / 3 layers; this model has "
     with pytest.raises(ValueError, match=re.escape(message + sizes)):
         MultiTaskMmAP.from_pretrained(clip, saved, tokenizer=tokenizer)
     assert not hasattr(clip, "peft_config")  # refused before the CLIP model was wrapped
